@@ -1,0 +1,224 @@
+"""KV-cache decode attention in Triton: one new query per row against its cache, split-K + merge.
+
+During generation each step has one query token per row, so the work is B·nh dot products against
+a cache of up to S_max keys: memory-bound (every K and V byte is read once), and for GPT-2's 12–25
+heads B·nh programs are far too few to keep a GPU's ~100 SMs busy. So we also split the cache:
+    phase 1  grid (B, nh, NUM_SPLITS): each program runs an online softmax over its slice of the
+             cache and writes a partial result (out_s normalised, lse_s = log-sum-exp of its scores)
+    phase 2  grid (B, nh): merge the splits, out = Σ_s exp(lse_s − lse)·out_s with lse = log Σ_s exp(lse_s)
+This is "Flash-Decoding" (Dao, Haziza, Massa, Sizov, 2023): the split-K idea of FlashAttention-2 §3.2
+applied to the key axis.
+
+Everything is fixed-shape for CUDA graphs: per-row lengths live in an int32 tensor read on device
+(no .item(), no host sync), and the number of splits depends only on S_max and B·nh.
+"""
+
+import contextlib
+import math
+import os
+from functools import lru_cache
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+LOG2E = 1.4426950408889634  # exp(x) == exp2(x·log2 e)
+HEAD_DIMS = (16, 32, 64, 128)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _decode_split_kernel(Q, K, V, SEQLENS, KV_START, O_PART, LSE_PART,
+                         stride_qb, stride_qh, stride_qd,
+                         stride_kb, stride_kh, stride_ks, stride_kd,
+                         stride_vb, stride_vh, stride_vs, stride_vd,
+                         H, S_MAX, SPLIT_SIZE, num_splits, qk_scale,
+                         HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KV_START: tl.constexpr):
+    # grid = (B, nh, NUM_SPLITS); this program covers cache positions [split·SPLIT_SIZE, (split+1)·SPLIT_SIZE)
+    off_b = tl.program_id(0)
+    off_h = tl.program_id(1)
+    split = tl.program_id(2)
+
+    # valid cache positions of this row: [kv_lo, seqlen); clamped so bad values can't read out of bounds
+    seqlen = tl.minimum(tl.maximum(tl.load(SEQLENS + off_b), 0), S_MAX)
+    kv_lo = 0
+    if HAS_KV_START:
+        kv_lo = tl.maximum(tl.load(KV_START + off_b), 0)
+    start = split * SPLIT_SIZE  # SPLIT_SIZE is a multiple of BLOCK_N: blocks stay aligned
+    end = tl.minimum(start + SPLIT_SIZE, seqlen)
+    lo = tl.maximum(start, (kv_lo // BLOCK_N) * BLOCK_N)  # skip whole blocks of left padding
+
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n_blk = tl.arange(0, BLOCK_N)
+    k_base = K + off_b.to(tl.int64) * stride_kb + off_h.to(tl.int64) * stride_kh
+    v_base = V + off_b.to(tl.int64) * stride_vb + off_h.to(tl.int64) * stride_vh
+    # One query row: too thin for tl.dot (which needs >= 16 rows), and this kernel is bound by
+    # memory anyway, so the dot products are plain multiply + row sums on (BLOCK_N, HEAD_DIM) tiles.
+    q = tl.load(Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh + offs_d * stride_qd)
+    q = q.to(tl.float32) * qk_scale  # scores come out in log2 units (qk_scale = sm_scale·log2 e)
+
+    # online softmax state (see flash_attention.py): running max, running sum, weighted sum of v
+    m_i = tl.full([1], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([1], dtype=tl.float32)
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for start_n in range(lo, end, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + offs_n_blk
+        valid = (offs_n >= kv_lo) & (offs_n < end)
+        k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+                    mask=valid[:, None], other=0.0)
+        qk = tl.sum(q[None, :] * k.to(tl.float32), axis=1)  # (BLOCK_N,)
+        qk = tl.where(valid, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=0))
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # all-padding block: avoid -inf - -inf
+        p = tl.math.exp2(qk - m_sub)
+        alpha = tl.math.exp2(m_i - m_sub)
+        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                    mask=valid[:, None], other=0.0)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        m_i = m_new
+
+    # partial result of this split: normalised output and its log2-sum-exp (-inf when it saw no key)
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)
+    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_i))
+    part = (off_b * H + off_h) * num_splits + split  # partials are (B, nh, NUM_SPLITS[, HEAD_DIM])
+    tl.store(O_PART + part.to(tl.int64) * HEAD_DIM + offs_d, out)
+    tl.store(LSE_PART + part + tl.arange(0, 1), lse)
+
+
+@triton.jit
+def _decode_merge_kernel(O_PART, LSE_PART, Out,
+                         stride_ob, stride_oh, stride_od, H,
+                         HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr):
+    # grid = (B, nh): combine the NUM_SPLITS partials of one (row, head) with a log-sum-exp merge
+    off_b = tl.program_id(0)
+    off_h = tl.program_id(1)
+    offs_s = tl.arange(0, SPLITS_POW2)  # tl.arange needs a power of two; mask the extra lanes
+    offs_d = tl.arange(0, HEAD_DIM)
+    base = (off_b * H + off_h) * NUM_SPLITS
+    in_range = offs_s < NUM_SPLITS
+    lse = tl.load(LSE_PART + base + offs_s, mask=in_range, other=float("-inf"))  # (SPLITS_POW2,)
+    o = tl.load(O_PART + (base + offs_s[:, None]).to(tl.int64) * HEAD_DIM + offs_d[None, :],
+                mask=in_range[:, None], other=0.0)  # (SPLITS_POW2, HEAD_DIM)
+    m = tl.max(lse, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # no split saw a key (empty row): weights all 0
+    w = tl.math.exp2(lse - m)  # split s's share of the softmax denominator, up to a common factor
+    denom = tl.sum(w, axis=0)
+    out = tl.sum(w[:, None] * o, axis=0) / tl.where(denom == 0.0, 1.0, denom)  # empty row -> zeros
+    tl.store(Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh + offs_d * stride_od,
+             out.to(Out.dtype.element_ty))
+
+
+# ----------------------------------------------------------------------------------------------
+# Python side
+# ----------------------------------------------------------------------------------------------
+
+
+def _block_n(head_dim):
+    if _INTERPRET:
+        return 16
+    return 64 if head_dim <= 64 else 32  # a (BLOCK_N, HEAD_DIM) tile of ~4-8 KB per load
+
+
+@lru_cache(maxsize=None)
+def _num_sms(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8  # interpreter on CPU: any small number does
+
+
+def _default_num_splits(batch_heads, s_max, block_n, device):
+    """Enough programs to cover every SM a few times over, but never splits shorter than two blocks
+    (each split costs a partial write and a share of the merge). Depends on shapes only."""
+    want = triton.cdiv(4 * _num_sms(device), batch_heads)
+    most = triton.cdiv(s_max, 2 * block_n)
+    return max(1, min(want, most, 128))
+
+
+def _check_decode_inputs(q, k_cache, v_cache, cache_seqlens, kv_start, sm_scale, num_splits):
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("cache_seqlens", cache_seqlens)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if q.dim() != 3:
+        raise ValueError(f"q must be 3-D (B, nh, hs): one new token per row; got shape {tuple(q.shape)}")
+    B, H, D = q.shape
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dim() != 4 or t.shape[0] != B or t.shape[1] != H or t.shape[3] != D:
+            raise ValueError(f"{name} must have shape (B, nh, S_max, hs) = ({B}, {H}, S_max, {D}), got {tuple(t.shape)}")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must have the same shape")
+    if D not in HEAD_DIMS:
+        raise ValueError(f"head dim {D} not supported; valid: {HEAD_DIMS}")
+    if q.dtype not in DTYPES:
+        raise TypeError(f"dtype {q.dtype} not supported; valid: {DTYPES}")
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise TypeError(f"q, k_cache, v_cache must share a dtype; got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("cache_seqlens", cache_seqlens)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if not (q.device.type == "cuda" or (q.device.type == "cpu" and _INTERPRET)):
+        raise ValueError(
+            f"q is on {q.device}; the Triton kernels need CUDA tensors "
+            "(or TRITON_INTERPRET=1 set before triton is imported, to run them slowly on CPU)"
+        )
+    for name, t in (("cache_seqlens", cache_seqlens), ("kv_start", kv_start)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be an int32 tensor of shape ({B},), got {type(t).__name__}")
+        if t.shape != (B,):
+            raise ValueError(f"{name} must have shape (B,) = ({B},), got {tuple(t.shape)}")
+        if t.dtype != torch.int32:
+            raise TypeError(f"{name} must be int32, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if sm_scale is not None and not (isinstance(sm_scale, (int, float)) and math.isfinite(sm_scale)):
+        raise ValueError(f"sm_scale must be a finite float or None, got {sm_scale!r}")
+    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
+
+
+def decode_attention(q, k_cache, v_cache, cache_seqlens, *, kv_start=None, sm_scale=None, num_splits=None):
+    """Attention of one new query per row over its KV cache.
+
+    q: (B, nh, hs). k_cache, v_cache: (B, nh, S_max, hs), any strides, same dtype as q.
+    cache_seqlens: int32 (B,), the number of valid cache positions per row (the new token's key and
+        value already written at index cache_seqlens[b] - 1). Values are clamped to [0, S_max].
+    kv_start: optional int32 (B,): positions < kv_start[b] are left padding and masked out.
+    num_splits: how many slices of the cache to process in parallel; default from S_max and B·nh.
+    Returns (B, nh, hs) in q's dtype; a row with no valid position gets zeros.
+    """
+    _check_decode_inputs(q, k_cache, v_cache, cache_seqlens, kv_start, sm_scale, num_splits)
+    B, H, D = q.shape
+    S_max = k_cache.shape[2]
+    sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
+    out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    if S_max == 0:
+        return out.zero_()
+    block_n = _block_n(D)
+    if num_splits is None:
+        num_splits = _default_num_splits(B * H, S_max, block_n, q.device)
+    split_size = triton.cdiv(triton.cdiv(S_max, num_splits), block_n) * block_n
+    o_part = torch.empty((B, H, num_splits, D), dtype=torch.float32, device=q.device)
+    lse_part = torch.empty((B, H, num_splits), dtype=torch.float32, device=q.device)
+    kv = kv_start if kv_start is not None else cache_seqlens  # dummy pointer when HAS_KV_START=False
+
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        _decode_split_kernel[(B, H, num_splits)](
+            q, k_cache, v_cache, cache_seqlens, kv, o_part, lse_part,
+            *q.stride(), *k_cache.stride(), *v_cache.stride(),
+            H, S_max, split_size, num_splits, sm_scale * LOG2E,
+            HEAD_DIM=D, BLOCK_N=block_n, HAS_KV_START=kv_start is not None,
+            num_warps=4, num_stages=2,
+        )
+        _decode_merge_kernel[(B, H)](
+            o_part, lse_part, out, *out.stride(), H,
+            HEAD_DIM=D, NUM_SPLITS=num_splits, SPLITS_POW2=triton.next_power_of_2(num_splits),
+            num_warps=4,
+        )
+    return out

@@ -1,0 +1,183 @@
+"""Attention dispatch: one function, `attention(q, k, v, mask, ...)`, three backends.
+
+  "triton" - nanogpt2's fused kernels (kernels/flash_attention.py for prefill/training,
+             kernels/decode_attention.py for one new token against the KV cache); CUDA tensors, or CPU
+             under TRITON_INTERPRET=1 (slow, for debugging and tests)
+  "sdpa"   - torch.nn.functional.scaled_dot_product_attention (the CPU default)
+  "eager"  - softmax(q kᵀ · scale + mask) v written out; the only path that materialises probabilities,
+             so every backend falls back to it for a call that asks for attention maps
+  "auto"   - triton for CUDA tensors when the kernels import, sdpa otherwise (decided per call, so a model
+             built on CPU and moved with .cuda() picks up the kernels)
+
+The model never knows which backend ran; the backends never know about GPT-2. Masking is described once,
+by `AttentionMask`: causal, plus an optional 2-D key padding mask that covers cached + new positions.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "triton", "sdpa", "eager")
+
+
+@lru_cache(maxsize=None)
+def _kernels():
+    """The Triton kernels module, or None when triton is not importable on this machine."""
+    try:
+        from . import kernels
+        return kernels
+    except ImportError:  # no triton (e.g. macOS): sdpa/eager still work
+        return None
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def check_backend(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"attn_implementation {name!r} is not one of {', '.join(map(repr, BACKENDS))}")
+    if name == "triton" and _kernels() is None:
+        raise ValueError("attn_implementation='triton' needs the triton package, which failed to import here; "
+                         "install triton (Linux x86-64) or use 'sdpa'")
+    return name
+
+
+def _triton_ok(q: torch.Tensor) -> bool:
+    return _kernels() is not None and q.shape[-1] in (16, 32, 64, 128) and (q.is_cuda or triton_interpreting())
+
+
+def resolve_backend(name: str, q: torch.Tensor) -> str:
+    """The backend that runs for this call: "auto" decided from the tensor's device."""
+    if name == "auto":
+        return "triton" if (q.is_cuda and _triton_ok(q)) else "sdpa"
+    if name == "triton" and not _triton_ok(q):
+        raise ValueError(
+            f"attn_implementation='triton' cannot run on a {q.device.type} tensor with head dim {q.shape[-1]}: "
+            "the kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU, for debugging) and head dim in "
+            "16/32/64/128; use 'auto' or 'sdpa'")
+    return name
+
+
+@dataclass
+class AttentionMask:
+    """Which keys each query may see: causal, and (optionally) not the padding.
+
+    Queries are the last `q_len` of `past_len + q_len` positions. `key_padding` is [B, S] bool (True = a
+    real token), S = past_len + q_len, or None when no position is padding. A query at a padding
+    position has no real key to attend to: it attends to itself only, so its output is finite (and
+    meaningless, as in every implementation).
+    """
+    past_len: int
+    q_len: int
+    key_padding: Optional[torch.Tensor] = None
+    _dense: Optional[torch.Tensor] = None
+    _kv_start: Optional[torch.Tensor] = None
+    _left_padded: Optional[bool] = None
+
+    @classmethod
+    def build(cls, attention_mask: Optional[torch.Tensor], past_len: int, q_len: int) -> "AttentionMask":
+        key_padding = None
+        if attention_mask is not None:
+            key_padding = attention_mask.bool()
+            if bool(key_padding.all()):  # nothing is padding: keep the fast is_causal paths
+                key_padding = None
+        return cls(past_len, q_len, key_padding)
+
+    @property
+    def kv_len(self) -> int:
+        return self.past_len + self.q_len
+
+    def dense(self, device) -> Optional[torch.Tensor]:
+        """[B or 1, 1, q_len, S] bool, True = attend; None when plain causal with q_len == S (sdpa's is_causal)."""
+        if self._dense is None:
+            if self.key_padding is None and self.past_len == 0:
+                return None
+            q_pos = torch.arange(self.past_len, self.kv_len, device=device)[:, None]  # (T, 1)
+            k_pos = torch.arange(self.kv_len, device=device)[None, :]                  # (1, S)
+            causal = k_pos <= q_pos                                                   # (T, S)
+            if self.key_padding is None:
+                self._dense = causal[None, None]
+            else:
+                real = self.key_padding[:, None, None, :]                             # (B, 1, 1, S)
+                self_only = (k_pos == q_pos)[None, None]
+                self._dense = causal & (real | self_only)
+        return self._dense
+
+    def kv_start(self) -> Optional[torch.Tensor]:
+        """int32 [B]: first real position of each row, when the padding is all on the left (else None)."""
+        if self.key_padding is None:
+            return None
+        if self._left_padded is None:
+            kp = self.key_padding
+            n_pad = (~kp).sum(-1)
+            # left padded <=> row b is n_pad[b] zeros then ones
+            pos = torch.arange(kp.shape[-1], device=kp.device)
+            self._left_padded = bool(((pos[None, :] >= n_pad[:, None]) == kp).all())
+            self._kv_start = n_pad.to(torch.int32) if self._left_padded else None
+        return self._kv_start
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, *, scale: float,
+              backend: str = "auto", dropout_p: float = 0.0, need_weights: bool = False,
+              upcast: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """q (B, H, T, D), k and v (B, H, S, D) -> ((B, H, T, D), probabilities (B, H, T, S) or None).
+
+    `upcast` (GPT-2's reorder_and_upcast_attn) computes scores and softmax in fp32; sdpa and the triton
+    kernels always accumulate in fp32, so the flag only changes the eager path.
+    """
+    if need_weights:
+        return _eager(q, k, v, mask, scale, dropout_p, upcast)
+    backend = resolve_backend(backend, q)
+    if backend == "triton" and dropout_p == 0.0:
+        out = _triton(q, k, v, mask, scale)
+        if out is not None:
+            return out, None
+    if backend == "eager":
+        return _eager(q, k, v, mask, scale, dropout_p, upcast)
+    # sdpa, and triton's fall-backs (attention dropout in training; non-left padding)
+    dense = mask.dense(q.device)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=dense, dropout_p=dropout_p,
+                                         is_causal=dense is None and mask.q_len > 1, scale=scale)
+    return out, None
+
+
+def _eager(q, k, v, mask, scale, dropout_p, upcast):
+    if upcast:  # transformers' _upcast_and_reordered_attn: scale folded in before an fp32 matmul
+        scores = torch.matmul(q.float() * scale, k.float().transpose(-1, -2))
+    else:
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scale                  # (B, H, T, S)
+    dense = mask.dense(q.device)
+    if dense is None and mask.q_len > 1:
+        dense = torch.ones(mask.q_len, mask.kv_len, dtype=torch.bool, device=q.device).tril()
+    if dense is not None:
+        scores = scores.masked_fill(~dense, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    dropped = F.dropout(probs, p=dropout_p, training=True) if dropout_p > 0 else probs
+    return torch.matmul(dropped, v), probs
+
+
+def _triton(q, k, v, mask, scale):
+    """The fused kernels, or None when this mask needs a dense form they do not take (non-left padding)."""
+    kernels = _kernels()
+    kv_start = mask.kv_start()
+    if mask.key_padding is not None and kv_start is None:
+        return None
+    if mask.past_len == 0:                       # prefill / training: square causal attention
+        return kernels.flash_attention(q, k, v, causal=True, sm_scale=scale, kv_start=kv_start)
+    if mask.q_len == 1:                          # decode: one query against the cache
+        B = q.shape[0]
+        seqlens = torch.full((B,), mask.kv_len, dtype=torch.int32, device=q.device)
+        return kernels.decode_attention(q[:, :, 0], k, v, seqlens, kv_start=kv_start,
+                                        sm_scale=scale).unsqueeze(2)
+    return None                                  # several new tokens after a cache: sdpa
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

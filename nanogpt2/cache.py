@@ -1,0 +1,69 @@
+"""KVCache: the keys and values of every layer, preallocated once and written in place.
+
+Shapes never change during generation ([n_layer, B, H, max_len, D] for keys and for values), so a decode
+step is friendly to torch.compile and CUDA graphs, and no per-token torch.cat reallocates the history
+(transformers' DynamicCache does). `length` counts the positions written so far; every row of a batch
+has the same length (padding is on the left, described by the attention mask the caller passes).
+"""
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, n_layer: int, batch_size: int, n_head: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device=None):
+        shape = (n_layer, batch_size, n_head, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0  # positions filled, the same for every row and layer
+
+    @classmethod
+    def for_model(cls, config, batch_size: int, max_len: int | None = None, dtype=torch.float32, device=None):
+        max_len = config.n_positions if max_len is None else max_len
+        if not 0 < max_len <= config.n_positions:
+            raise ValueError(f"KVCache max_len {max_len} must be in [1, n_positions={config.n_positions}]")
+        return cls(config.n_layer, batch_size, config.n_head, max_len, config.head_dim, dtype, device)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write new (B, H, T, D) keys/values after the cached ones; return all (B, H, length + T, D) so far.
+
+        The returned tensors are views into the buffers, not copies. `length` advances in `advance()`,
+        called by the model once every layer has been written.
+        """
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache is full: {self.length} cached + {k.shape[2]} new positions exceed its "
+                             f"max_len {self.max_len}")
+        if k.shape[0] != self.batch_size:
+            raise ValueError(f"KV cache holds batch size {self.batch_size}, got keys for batch size {k.shape[0]}")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Rows follow `index` (beam search keeps the best beams): row b becomes old row index[b]."""
+        self.k.copy_(self.k.index_select(1, index))
+        self.v.copy_(self.v.index_select(1, index))
+
+    def get_seq_length(self) -> int:  # transformers' name, for code written against its caches
+        return self.length
+
+    def __len__(self) -> int:
+        return self.k.shape[0]
+
+    def __repr__(self) -> str:
+        n_layer, B, H, S, D = self.k.shape
+        return (f"KVCache(n_layer={n_layer}, batch={B}, heads={H}, length={self.length}/{S}, head_dim={D}, "
+                f"dtype={self.k.dtype})")
