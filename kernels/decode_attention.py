@@ -82,8 +82,9 @@ def _decode_split_kernel(Q, K, V, SEQLENS, KV_START, O_PART, LSE_PART,
 
     # partial result of this split: normalised output and its log2-sum-exp (-inf when it saw no key)
     empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)
-    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_i))
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe
+    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))
     part = (off_b * H + off_h) * num_splits + split  # partials are (B, nh, NUM_SPLITS[, HEAD_DIM])
     tl.store(O_PART + part.to(tl.int64) * HEAD_DIM + offs_d, out)
     tl.store(LSE_PART + part + tl.arange(0, 1), lse)

@@ -166,11 +166,11 @@ def _attn_fwd(Q, K, V, Out, LSE, KV_START,
     empty = l_i == 0.0
     if HAS_KV_START:
         empty = empty | (offs_m < kv_lo)
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    out = tl.where(empty[:, None], 0.0, out)
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
     # log-sum-exp of the scaled scores in natural-log units, saved for the backward (FA2 §3.1.1):
     # lse = ln Σ exp(s) = (m + log2 l)·ln 2 with m, l in log2 units
-    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_i)) * 0.6931471805599453)
+    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
     tl.store(LSE + off_bh.to(tl.int64) * T + offs_m, lse, mask=row_in)
     tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
              out.to(Out.dtype.element_ty), mask=row_in[:, None])

@@ -126,14 +126,15 @@ class AttentionMask:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, *, scale: float,
               backend: str = "auto", dropout_p: float = 0.0, need_weights: bool = False,
-              upcast: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+              upcast: bool = False, probs_hook=None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """q (B, H, T, D), k and v (B, H, S, D) -> ((B, H, T, D), probabilities (B, H, T, S) or None).
 
     `upcast` (GPT-2's reorder_and_upcast_attn) computes scores and softmax in fp32; sdpa and the triton
-    kernels always accumulate in fp32, so the flag only changes the eager path.
+    kernels always accumulate in fp32, so the flag only changes the eager path. `probs_hook(probs)` may
+    read or replace the probabilities before they weight v (analysis hooks); it implies the eager path.
     """
-    if need_weights:
-        return _eager(q, k, v, mask, scale, dropout_p, upcast)
+    if need_weights or probs_hook is not None:
+        return _eager(q, k, v, mask, scale, dropout_p, upcast, probs_hook)
     backend = resolve_backend(backend, q)
     if backend == "triton" and dropout_p == 0.0:
         out = _triton(q, k, v, mask, scale)
@@ -148,7 +149,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Attention
     return out, None
 
 
-def _eager(q, k, v, mask, scale, dropout_p, upcast):
+def _eager(q, k, v, mask, scale, dropout_p, upcast, probs_hook=None):
     if upcast:  # transformers' _upcast_and_reordered_attn: scale folded in before an fp32 matmul
         scores = torch.matmul(q.float() * scale, k.float().transpose(-1, -2))
     else:
@@ -159,6 +160,8 @@ def _eager(q, k, v, mask, scale, dropout_p, upcast):
     if dense is not None:
         scores = scores.masked_fill(~dense, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    if probs_hook is not None:
+        probs = probs_hook(probs)
     dropped = F.dropout(probs, p=dropout_p, training=True) if dropout_p > 0 else probs
     return torch.matmul(dropped, v), probs
 

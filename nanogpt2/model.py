@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import AttentionMask, attention, check_backend
 from .cache import KVCache
 from .config import GPT2Config
+from .hooks import HookRegistry, HooksMixin
 
 
 @dataclass
@@ -59,21 +60,26 @@ class GPT2Attention(nn.Module):
             self.scale /= float(layer_idx + 1)
         self.upcast = config.reorder_and_upcast_attn
         self.attn_implementation = "auto"
+        self.hook = HookRegistry()  # replaced by the model's shared registry (hooks.py)
+        self.name = f"h.{layer_idx}.attn"
 
     def forward(self, x, mask: AttentionMask, cache: Optional[KVCache] = None, need_weights: bool = False):
         B, T, C = x.shape
-        # (B, T, 3C) -> three (B, nh, T, hs): one matmul for q, k and v, as GPT-2 was trained
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        hook, name = self.hook, self.name
+        # (B, T, 3C) -> three (B, T, nh, hs) -> (B, nh, T, hs): one matmul for q, k and v, as GPT-2 was trained
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)
+        q = hook(f"{name}.q", q).transpose(1, 2)
+        k = hook(f"{name}.k", k).transpose(1, 2)
+        v = hook(f"{name}.v", v).transpose(1, 2)
         if cache is not None:  # append to the history; attend over all of it: (B, nh, S, hs)
             k, v = cache.update(self.layer_idx, k, v)
+        pattern_hook = (lambda p: hook(f"{name}.pattern", p)) if hook.wants(f"{name}.pattern") else None
         y, probs = attention(q, k, v, mask, scale=self.scale, backend=self.attn_implementation,
                              dropout_p=self.attn_pdrop if self.training else 0.0,
-                             need_weights=need_weights, upcast=self.upcast)
-        y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble the heads side by side
-        return self.resid_dropout(self.c_proj(y)), probs
+                             need_weights=need_weights, upcast=self.upcast, probs_hook=pattern_hook)
+        y = hook(f"{name}.z", y.transpose(1, 2))  # (B, T, nh, hs): each head's output
+        y = y.reshape(B, T, C)  # re-assemble the heads side by side
+        return hook(f"{name}.out", self.resid_dropout(self.c_proj(y))), probs
 
 
 class GPT2MLP(nn.Module):
@@ -83,9 +89,14 @@ class GPT2MLP(nn.Module):
         self.c_proj = nn.Linear(config.inner_dim, config.n_embd)
         self.act = activation(config.activation_function)
         self.dropout = nn.Dropout(config.resid_pdrop)
+        self.hook = HookRegistry()
+        self.name = "mlp"
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+        hook, name = self.hook, self.name
+        h = hook(f"{name}.pre", self.c_fc(x))
+        h = hook(f"{name}.post", self.act(h))
+        return hook(f"{name}.out", self.dropout(self.c_proj(h)))
 
 
 class GPT2Block(nn.Module):
@@ -95,15 +106,19 @@ class GPT2Block(nn.Module):
         self.attn = GPT2Attention(config, layer_idx)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = GPT2MLP(config)
+        self.mlp.name = f"h.{layer_idx}.mlp"
+        self.hook = HookRegistry()
+        self.name = f"h.{layer_idx}"
 
     def forward(self, x, mask: AttentionMask, cache: Optional[KVCache] = None, need_weights: bool = False):
-        a, probs = self.attn(self.ln_1(x), mask, cache, need_weights)
-        x = x + a
-        x = x + self.mlp(self.ln_2(x))
-        return x, probs
+        hook, name = self.hook, self.name
+        a, probs = self.attn(hook(f"{name}.ln_1", self.ln_1(x)), mask, cache, need_weights)
+        x = hook(f"{name}.resid_mid", x + a)
+        x = x + self.mlp(hook(f"{name}.ln_2", self.ln_2(x)))
+        return hook(f"{name}.resid_post", x), probs
 
 
-class PreTrained(nn.Module):
+class PreTrained(HooksMixin, nn.Module):
     """What both GPT-2 classes share: loading, saving, initialisation, the attention backend."""
     config: GPT2Config
 
@@ -168,6 +183,11 @@ class GPT2Model(PreTrained):
         self.h = nn.ModuleList([GPT2Block(config, i) for i in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.gradient_checkpointing = False  # recompute each block in backward (torch.utils.checkpoint)
+        # one registry for every named activation point (hooks.py); empty = no hooks, no cost
+        self.hook_registry = HookRegistry()
+        for m in self.modules():
+            if isinstance(m, (GPT2Attention, GPT2MLP, GPT2Block)):
+                m.hook = self.hook_registry
         if init and not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
@@ -201,7 +221,7 @@ class GPT2Model(PreTrained):
         x = x + self.wpe(position_ids)
         if token_type_ids is not None:  # GPT-2 has no segment table: transformers reuses wte
             x = x + self.wte(self._check_ids(token_type_ids, "token_type_ids"))
-        x = self.drop(x)
+        x = self.drop(self.hook_registry("embed", x))
 
         mask = AttentionMask.build(attention_mask, past, T)
         hidden_states, attentions = [], []
@@ -216,7 +236,7 @@ class GPT2Model(PreTrained):
                 attentions.append(probs)
         if cache is not None:
             cache.advance(T)
-        x = self.ln_f(x)
+        x = self.hook_registry("ln_f", self.ln_f(x))
         if output_hidden_states:  # transformers' convention: the last entry is after ln_f
             hidden_states.append(x)
         return GPT2Output(last_hidden_state=x, past_key_values=cache,

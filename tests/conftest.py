@@ -5,6 +5,8 @@ TRITON_INTERPRET=1 must be set before anything imports triton, so the kernels ru
 import os
 import sys
 
+# Run Triton kernels on CPU through Triton's interpreter unless told otherwise (TRITON_INTERPRET=0
+# on a GPU machine compiles them for real). Triton reads this once, at import: set it first.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")          # tests never reach the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
