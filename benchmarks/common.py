@@ -1,0 +1,137 @@
+"""What every benchmark shares: the machine line, paired timing with medians, tables, CSV, model pairs.
+
+Measurements are side by side in one process: the two implementations run alternately (A B A B ...),
+so drift in clock speed or background load hits both, and we report medians and their ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+# the benchmarks run from a checkout: `python benchmarks/x.py`; keep the root (and its kernels/) off sys.path
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) not in (_ROOT,)]
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_line() -> str:
+    import transformers
+    try:
+        import triton
+        tv = triton.__version__
+    except ImportError:
+        tv = "none"
+    if torch.cuda.is_available():
+        dev = f"GPU {torch.cuda.get_device_name()}"
+    else:
+        dev = f"CPU {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    return (f"# {dev} | torch {torch.__version__} | triton {tv} | transformers {transformers.__version__} | "
+            f"{time.strftime('%Y-%m-%d')}")
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn) -> float:
+    """Seconds for one call of fn (synchronised on GPU)."""
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def paired(fns: dict, repeats: int, warmup: int = 1) -> dict:
+    """Median seconds of each fn, running them alternately `repeats` times after `warmup` rounds."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            times[k].append(timed(fn))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+class Table:
+    """Fixed-width table with units in the headers; also kept as rows for --csv."""
+
+    def __init__(self, columns: list[tuple[str, int]]):
+        self.columns, self.rows = columns, []
+        print("".join(f"{name:>{width}}" for name, width in columns), flush=True)
+
+    def add(self, *values):
+        self.rows.append(values)
+        cells = []
+        for (name, width), v in zip(self.columns, values):
+            if isinstance(v, float):
+                v = f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+            cells.append(f"{str(v):>{width}}")
+        print("".join(cells), flush=True)
+
+    def write_csv(self, path: str | None):
+        if not path:
+            return
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow([name for name, _ in self.columns])
+            w.writerows(self.rows)
+        print(f"wrote {path}")
+
+
+def base_parser(doc: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny shapes, few repeats: checks the script still runs")
+    p.add_argument("--csv", default=None, help="also write the table to this CSV file")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds per measurement (default: 5, quick: 2)")
+    p.add_argument("--model", default=None,
+                   help="checkpoint directory or hub id (default: random weights of the shape below)")
+    p.add_argument("--preset", default="gpt2", help="GPT-2 shape for random weights (quick mode: a tiny one)")
+    return p
+
+
+QUICK_CONFIG = dict(vocab_size=512, n_positions=256, n_embd=64, n_layer=2, n_head=4)
+
+
+def model_pair(args, attn_implementation="sdpa", hf_attn="sdpa"):
+    """(nanogpt2 model, transformers model) with identical weights, eval mode, on args.device/dtype."""
+    import transformers
+    from nanogpt2 import GPT2Config, GPT2LMHeadModel
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    dtype = getattr(torch, args.dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.model
+        if path is None:
+            cfg = GPT2Config(**QUICK_CONFIG) if args.quick else GPT2Config.preset(args.preset)
+            torch.manual_seed(0)
+            GPT2LMHeadModel(cfg).save_pretrained(tmp)
+            path = tmp
+        ours = GPT2LMHeadModel.from_pretrained(path, dtype=dtype, device=args.device,
+                                               attn_implementation=attn_implementation)
+        from nanogpt2.weights import resolve
+        theirs = transformers.GPT2LMHeadModel.from_pretrained(resolve(path).directory, dtype=dtype,
+                                                              attn_implementation=hf_attn).to(args.device).eval()
+    return ours, theirs
