@@ -50,7 +50,6 @@ def _decode_split_kernel(Q, K, V, SEQLENS, KV_START, O_PART, LSE_PART,
     lo = tl.maximum(start, (kv_lo // BLOCK_N) * BLOCK_N)  # skip whole blocks of left padding
 
     offs_d = tl.arange(0, HEAD_DIM)
-    offs_n_blk = tl.arange(0, BLOCK_N)
     k_base = K + off_b.to(tl.int64) * stride_kb + off_h.to(tl.int64) * stride_kh
     v_base = V + off_b.to(tl.int64) * stride_vb + off_h.to(tl.int64) * stride_vh
     # One query row: too thin for tl.dot (which needs >= 16 rows), and this kernel is bound by
@@ -62,23 +61,27 @@ def _decode_split_kernel(Q, K, V, SEQLENS, KV_START, O_PART, LSE_PART,
     m_i = tl.full([1], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([1], dtype=tl.float32)
     acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    offs_n = lo + tl.arange(0, BLOCK_N)
+    k_ptrs = k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd  # (BLOCK_N, HEAD_DIM)
+    v_ptrs = v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
+    k_step = BLOCK_N * stride_ks
+    v_step = BLOCK_N * stride_vs
     for start_n in range(lo, end, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        offs_n = start_n + offs_n_blk
         valid = (offs_n >= kv_lo) & (offs_n < end)
-        k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
-                    mask=valid[:, None], other=0.0)
+        k = tl.load(k_ptrs, mask=valid[:, None], other=0.0)
         qk = tl.sum(q[None, :] * k.to(tl.float32), axis=1)  # (BLOCK_N,)
         qk = tl.where(valid, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=0))
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # all-padding block: avoid -inf - -inf
         p = tl.math.exp2(qk - m_sub)
         alpha = tl.math.exp2(m_i - m_sub)
-        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                    mask=valid[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=valid[:, None], other=0.0)
         acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
         l_i = l_i * alpha + tl.sum(p, axis=0)
         m_i = m_new
+        offs_n += BLOCK_N
+        k_ptrs += k_step
+        v_ptrs += v_step
 
     # partial result of this split: normalised output and its log2-sum-exp (-inf when it saw no key)
     empty = l_i == 0.0
@@ -148,7 +151,9 @@ def _check_decode_inputs(q, k_cache, v_cache, cache_seqlens, kv_start, sm_scale,
     B, H, D = q.shape
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.dim() != 4 or t.shape[0] != B or t.shape[1] != H or t.shape[3] != D:
-            raise ValueError(f"{name} must have shape (B, nh, S_max, hs) = ({B}, {H}, S_max, {D}), got {tuple(t.shape)}")
+            raise ValueError(
+                f"{name} must have shape (B, nh, S_max, hs) = ({B}, {H}, S_max, {D}), got {tuple(t.shape)}"
+            )
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must have the same shape")
     if D not in HEAD_DIMS:

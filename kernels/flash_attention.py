@@ -26,8 +26,10 @@ from triton.runtime.errors import OutOfResources
 # CPU with numpy; there we use small blocks so the tests stay fast.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-LOG2E = 1.4426950408889634  # exp(x) == exp2(x·log2 e); exp2 is the native instruction on GPUs
-LN2 = 0.6931471805599453  # log2(x)·ln 2 == ln(x)
+# exp(x) == exp2(x·log2 e); exp2 is the native instruction on GPUs. (The kernels spell out
+# log2 e = 1.4426950408889634 and ln 2 = 0.6931471805599453 as literals: @triton.jit functions
+# can't read plain Python globals.)
+LOG2E = 1.4426950408889634
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -75,12 +77,13 @@ def _attn_fwd_inner(acc, l_i, m_i, q,
     When a new block raises the max, the old sums are rescaled by alpha = exp2(m_old - m_new);
     the division by l_i happens once, after the last block (FA2 §3.1.1, "fewer non-matmul FLOPs").
     """
-    offs_n_blk = tl.arange(0, BLOCK_N)
+    offs_n = lo + tl.arange(0, BLOCK_N)
+    # (BLOCK_N, HEAD_DIM) tiles of pointers, built once and advanced by BLOCK_N rows per step
+    k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd
+    v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
+    k_step = BLOCK_N * stride_kt
+    v_step = BLOCK_N * stride_vt
     for start_n in range(lo, hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        offs_n = start_n + offs_n_blk
-        k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd
-        v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
         if MASKED:
             k = tl.load(k_ptrs, mask=offs_n[:, None] < T, other=0.0)
         else:
@@ -107,6 +110,9 @@ def _attn_fwd_inner(acc, l_i, m_i, q,
         # second matmul in v's dtype (fp16/bf16 tensor cores), accumulated in fp32
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
+        offs_n += BLOCK_N
+        k_ptrs += k_step
+        v_ptrs += v_step
     return acc, l_i, m_i
 
 
@@ -170,16 +176,19 @@ def _attn_fwd(Q, K, V, Out, LSE, KV_START,
     out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
     # log-sum-exp of the scaled scores in natural-log units, saved for the backward (FA2 §3.1.1):
     # lse = ln Σ exp(s) = (m + log2 l)·ln 2 with m, l in log2 units
-    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # ·ln 2
     tl.store(LSE + off_bh.to(tl.int64) * T + offs_m, lse, mask=row_in)
     tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
              out.to(Out.dtype.element_ty), mask=row_in[:, None])
 
 
 # ----------------------------------------------------------------------------------------------
-# Backward (FA2 §3.1.2, Algorithm 2, split into two kernels so no atomics are needed):
+# Backward (FA2 §3.1.2, Algorithm 2):
 #   dP = dO·Vᵀ,  dS = P ∘ (dP − Δ) with Δ = rowsum(dO ∘ O),  dQ = dS·K·scale,  dK = dSᵀ·Q·scale,  dV = Pᵀ·dO
 # where P = exp(S − lse) is recomputed from the saved lse instead of being stored.
+# FA2 runs one pass over key blocks and adds each block's share of dQ with atomics. Like Triton's
+# tutorial we use two kernels instead, one owning key blocks (dK, dV) and one owning query blocks
+# (dQ): P is recomputed twice, but there are no atomics and the result is deterministic.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -213,26 +222,29 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v,
                          BLOCK_M: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate dK, dV of one key block over query rows [lo, hi). Works on transposed tiles
     (keys along rows) so that dk, dv come out as (BLOCK_N, HEAD_DIM) without a final transpose."""
-    offs_m_blk = tl.arange(0, BLOCK_M)
+    offs_m = lo + tl.arange(0, BLOCK_M)
+    q_ptrs = q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
+    do_ptrs = do_base + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod
+    q_step = BLOCK_M * stride_qt
+    do_step = BLOCK_M * stride_dot
     for start_m in range(lo, hi, BLOCK_M):
-        start_m = tl.multiple_of(start_m, BLOCK_M)
-        offs_m = start_m + offs_m_blk
         row_in = offs_m < T
-        q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                    mask=row_in[:, None], other=0.0)
+        q = tl.load(q_ptrs, mask=row_in[:, None], other=0.0)
         # rows past T read lse = +inf, so their P is 0 and they contribute nothing
-        lse = tl.load(lse_base + offs_m, mask=row_in, other=float("inf")) * 1.4426950408889634
+        lse = tl.load(lse_base + offs_m, mask=row_in, other=float("inf")) * 1.4426950408889634  # log2 units
         qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
         pT = tl.math.exp2(qkT * qk_scale - lse[None, :])  # Pᵀ recomputed from the saved lse
         if MASKED:  # the diagonal: query row must be >= key position
             pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
-        do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
-                     mask=row_in[:, None], other=0.0)
+        do = tl.load(do_ptrs, mask=row_in[:, None], other=0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)  # dV += Pᵀ·dO
         delta = tl.load(delta_base + offs_m, mask=row_in, other=0.0)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # dPᵀ = V·dOᵀ
         dsT = pT * (dpT - delta[None, :])  # dSᵀ = Pᵀ ∘ (dPᵀ − Δ)
         dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)  # dK += dSᵀ·Q (scaled later)
+        offs_m += BLOCK_M
+        q_ptrs += q_step
+        do_ptrs += do_step
     return dk, dv
 
 
@@ -311,12 +323,12 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta,
                        BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
                        DOT_PRECISION: tl.constexpr):
     """Accumulate dQ of one query block over key blocks [lo, hi)."""
-    offs_n_blk = tl.arange(0, BLOCK_N)
+    offs_n = lo + tl.arange(0, BLOCK_N)
+    k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd
+    v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
+    k_step = BLOCK_N * stride_kt
+    v_step = BLOCK_N * stride_vt
     for start_n in range(lo, hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        offs_n = start_n + offs_n_blk
-        k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd
-        v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
         if MASKED:
             k = tl.load(k_ptrs, mask=offs_n[:, None] < T, other=0.0)
             v = tl.load(v_ptrs, mask=offs_n[:, None] < T, other=0.0)
@@ -333,6 +345,9 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta,
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # dP = dO·Vᵀ
         ds = p * (dp - delta[:, None])  # dS = P ∘ (dP − Δ)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)  # dQ += dS·K (scaled later)
+        offs_n += BLOCK_N
+        k_ptrs += k_step
+        v_ptrs += v_step
     return dq
 
 
@@ -365,7 +380,8 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, KV_START,
     do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
                  mask=row_in[:, None], other=0.0)
     # padding rows and rows past T have lse = +inf: P = 0, so their dQ is 0
-    lse = tl.load(LSE + off_bh.to(tl.int64) * T + offs_m, mask=row_in, other=float("inf")) * 1.4426950408889634
+    lse = tl.load(LSE + off_bh.to(tl.int64) * T + offs_m, mask=row_in, other=float("inf"))
+    lse = lse * 1.4426950408889634  # to log2 units, like the scores
     delta = tl.load(Delta + off_bh.to(tl.int64) * T + offs_m, mask=row_in, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
@@ -395,9 +411,10 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, KV_START,
 # ----------------------------------------------------------------------------------------------
 # One hand-picked config per (kernel, head dim, dtype) rather than @triton.autotune: autotuning
 # with several configs needs a GPU (it breaks the CPU interpreter) and costs seconds per shape.
-# Each list is ordered from fastest to smallest; if a GPU lacks the shared memory for a config
-# (consumer cards have ~100 KB per block, an H100 227 KB) we fall back to the next one.
-# Block sizes are (BLOCK_M, BLOCK_N, num_warps, num_stages); fp32 tiles are twice the bytes.
+# Each list runs from the config we expect to be fastest down to small tiles; when a GPU lacks the
+# shared memory for one (consumer cards have ~100 KB per block, an A100 163 KB, an H100 227 KB),
+# Triton raises OutOfResources before launching and we take the next.
+# Entries are (BLOCK_M, BLOCK_N, num_warps, num_stages); fp32 tiles are twice the bytes.
 
 
 def _fwd_configs(head_dim, dtype):
@@ -432,7 +449,7 @@ def _bwd_dq_configs(head_dim, dtype):
     return [(128, 32, 8, 2), (64, 32, 4, 2), (32, 16, 4, 1), (16, 16, 4, 1)]
 
 
-_CONFIG_THAT_FITS = {}  # (kernel name, head dim, dtype, device) -> index into its config list
+_CONFIG_THAT_FITS = {}  # (kernel, head dim, dtype, device) -> index of the first config that fit
 
 
 def _launch(kernel, configs, grid_for, args, constexprs, device):

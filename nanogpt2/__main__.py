@@ -9,17 +9,22 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="nanogpt2", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    v = sub.add_parser("verify", help="compare nanogpt2 with transformers on one checkpoint, point by point")
-    v.add_argument("--model", default=None,
-                   help="local directory, bundled name or hub id (default: a random 124M GPT-2 built by transformers)")
-    v.add_argument("--atol", type=float, default=1e-4, help="max |difference| allowed at every point")
-    v.add_argument("--attn-implementation", default="sdpa", choices=["auto", "sdpa", "eager", "triton"],
-                   help="nanogpt2's attention backend")
+    from . import verify
+    v = sub.add_parser("verify", help="compare nanogpt2 with transformers, and its own paths with each other, at "
+                       "every named point", description=verify.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    verify.add_arguments(v)
+
+    from . import cli_generate
+    g = sub.add_parser("generate", help="continue a prompt, streaming the text (greedy, sampling or beam search)",
+                       description=cli_generate.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli_generate.add_arguments(g)
 
     args = parser.parse_args(argv)
     if args.command == "verify":
-        from .verify import verify
-        return verify(args.model, atol=args.atol, attn_implementation=args.attn_implementation)
+        return verify.main(args)
+    if args.command == "generate":
+        return cli_generate.main(args)
     return 2
 
 

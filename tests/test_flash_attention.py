@@ -146,26 +146,27 @@ def _case_with_lse_matches_autograd_path():
 # Tests
 # ---------------------------------------------------------------------------------------------
 
-# (T, D): T covers one row, less than a block, exact blocks, and ragged tails past 2-8 blocks
-SHAPES = [(1, 32), (7, 64), (64, 32), (100, 64), (129, 32), (257, 32)]
+# (B, nh, T, hs): T covers one row, less than a block, exact blocks, and ragged tails past 2-16
+# blocks (the CPU interpreter's blocks are 16-32 wide). Fewer heads at long T keep the tests fast.
+SHAPES = [(2, 3, 1, 32), (2, 3, 7, 64), (2, 3, 64, 32), (2, 3, 100, 64), (2, 2, 129, 32), (1, 2, 257, 32)]
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-@pytest.mark.parametrize("T,D", SHAPES)
-def test_fp32_matches_reference(kernel_process, T, D, causal):
-    kernel_process.run(_case_matches_reference, 2, 3, T, D, torch.float32, causal)
+@pytest.mark.parametrize("B,H,T,D", SHAPES)
+def test_fp32_matches_reference(kernel_process, B, H, T, D, causal):
+    kernel_process.run(_case_matches_reference, B, H, T, D, torch.float32, causal)
 
 
-@pytest.mark.parametrize("T,D,causal", [(7, 32, True), (100, 64, False), (129, 64, True), (257, 32, False)])
-def test_fp16_matches_reference(kernel_process, T, D, causal):
-    kernel_process.run(_case_matches_reference, 2, 3, T, D, torch.float16, causal)
+@pytest.mark.parametrize("B,H,T,D,causal", [(2, 3, 7, 32, True), (2, 3, 100, 64, False), (1, 2, 257, 64, True)])
+def test_fp16_matches_reference(kernel_process, B, H, T, D, causal):
+    kernel_process.run(_case_matches_reference, B, H, T, D, torch.float16, causal)
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-@pytest.mark.parametrize("T", [64, 129])
+@pytest.mark.parametrize("T", [64, 100])
 def test_left_padding_kv_start(kernel_process, T, causal):
     # row 3 is padding up to its last position; row 4 is padding throughout (all zeros, no NaN)
-    kernel_process.run(_case_matches_reference, 5, 2, T, 32, torch.float32, causal, [0, 5, 16, T - 1, T])
+    kernel_process.run(_case_matches_reference, 5, 1, T, 32, torch.float32, causal, [0, 5, 16, T - 1, T])
 
 
 def test_custom_sm_scale(kernel_process):
@@ -238,3 +239,28 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
     monkeypatch.setattr(sys.modules["nanogpt2.kernels.flash_attention"], "_INTERPRET", False)
     with pytest.raises(ValueError, match=r"q is on cpu; the Triton kernels need CUDA tensors"):
         flash_attention(*[t.cpu() for t in _qkv()])
+
+
+def test_launch_falls_back_to_smaller_tiles_when_shared_memory_runs_out():
+    # A GPU with less shared memory than the first config needs (e.g. a consumer card) must still
+    # run: Triton raises OutOfResources before launching, and the next config in the list is tried.
+    import sys
+
+    from triton.runtime.errors import OutOfResources
+
+    fa = sys.modules["nanogpt2.kernels.flash_attention"]
+    launched = []
+
+    class FakeKernel:
+        def __getitem__(self, grid):
+            def launch(*args, BLOCK_M, BLOCK_N, **kwargs):
+                if BLOCK_M * BLOCK_N > 64 * 64:
+                    raise OutOfResources(BLOCK_M * BLOCK_N, 64 * 64, "shared memory")
+                launched.append((grid, BLOCK_M, BLOCK_N))
+            return launch
+
+    kernel, configs = FakeKernel(), [(128, 64, 4, 3), (64, 64, 4, 2), (16, 16, 4, 1)]
+    args, constexprs = (torch.empty(1),), dict(HEAD_DIM=64)
+    for _ in range(2):
+        fa._launch(kernel, configs, lambda bm, bn: (100 // bm + 1,), args, constexprs, "cuda:0")
+    assert launched == [((2,), 64, 64), ((2,), 64, 64)]

@@ -1,0 +1,183 @@
+"""Training data: a text file -> a cached uint16 token file -> memory-mapped (x, y) batches.
+
+Tokenizing is done once per file and cached: the GPT-2 tokenizer (tiktoken "gpt2", vocab 50257 < 2**16, so
+uint16 holds every id) turns the text into one flat token stream on disk, read back with np.memmap, so a
+corpus larger than RAM trains without ever being loaded whole (the OS pages in what a batch touches).
+The cache file is named by a hash of the text file's absolute path, size and mtime: editing the file
+re-tokenizes it, re-running on an unchanged file does not.
+
+Splits: the last `val_fraction` of the tokens (default 10%) is the held-out validation split, the rest
+trains. For a single book (tinyshakespeare) that means the end of the book is never trained on.
+
+Batches follow llm.c's DataLoader / nanoGPT's get_batch shape: a sequence is T+1 consecutive tokens,
+x = tokens[:T], y = tokens[1:] (the next-token targets), so every position of x has a target.
+The training split is cut into non-overlapping sequences, visited in a fresh random order each epoch.
+Which sequences a step reads is a pure function of (seed, global sequence index), so a data position is
+one integer (sequences consumed so far): that is what a checkpoint stores, and what lets several DDP
+ranks read disjoint slices of the same global batch.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+TOKEN_DTYPE = np.uint16          # GPT-2's 50257 ids fit in 16 bits: half the disk of int32
+CHUNK_CHARS = 1 << 22            # characters read (and tokenized) at a time: ~4 MB of text
+# A safe place to cut text for BPE: a single "\n" with non-whitespace on both sides. GPT-2's pre-tokenizer
+# regex never joins such a newline to a neighbour (`\s+(?!\S)` and `\s` both end at it, no letter/number/
+# punctuation piece contains it), so tokenizing the two halves separately gives exactly the tokens of
+# the whole. Cutting elsewhere could split "\n\n" (one token, 628) into two "\n" tokens.
+_SAFE_CUT = re.compile(r"(?<=\S\n)(?=\S)")
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "nanogpt2", "tokens")
+
+
+def cache_path(text_file: str, cache_dir: Optional[str] = None) -> str:
+    """Where the tokens of `text_file` are cached: keyed by its absolute path, size and mtime (ns)."""
+    st = os.stat(text_file)
+    key = f"{os.path.abspath(text_file)}|{st.st_size}|{st.st_mtime_ns}|gpt2".encode()
+    stem = os.path.splitext(os.path.basename(text_file))[0]
+    return os.path.join(cache_dir or default_cache_dir(), f"{stem}-{hashlib.sha256(key).hexdigest()[:16]}.uint16")
+
+
+def _text_chunks(f, chunk_chars: int):
+    """Yield pieces of an open text file that tokenize independently (cut only at _SAFE_CUT)."""
+    buf = ""
+    while True:
+        new = f.read(chunk_chars)
+        buf += new
+        if not new:  # end of file: the rest is one piece
+            if buf:
+                yield buf
+            return
+        cut = None
+        for m in _SAFE_CUT.finditer(buf, max(0, len(buf) - chunk_chars)):
+            cut = m.start()  # keep the last safe cut in the newly read part
+        if cut is not None:  # else no safe cut yet (e.g. a file without line breaks): keep reading
+            yield buf[:cut]
+            buf = buf[cut:]
+
+
+def tokenize_file(text_file: str, cache_dir: Optional[str] = None, chunk_chars: int = CHUNK_CHARS,
+                  verbose: bool = True) -> str:
+    """Tokenize `text_file` (UTF-8) into a flat uint16 token file, chunk by chunk; return its path.
+
+    A cached file is reused as is. The file is written under a temporary name and renamed when complete,
+    so an interrupted run never leaves a truncated cache behind. `<|endoftext|>` in the text is read as
+    plain text (encode_ordinary), never as the special token.
+    """
+    from .tokenizer import get_tokenizer
+    if not os.path.isfile(text_file):
+        raise FileNotFoundError(f"training data {text_file!r} does not exist (pass --data PATH to a UTF-8 text file)")
+    out = cache_path(text_file, cache_dir)
+    if os.path.isfile(out):
+        return out
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    enc = get_tokenizer()
+    tmp = f"{out}.tmp{os.getpid()}"
+    n = 0
+    try:
+        with open(text_file, encoding="utf-8") as f, open(tmp, "wb") as w:
+            for piece in _text_chunks(f, chunk_chars):
+                ids = np.asarray(enc.encode_ordinary(piece), dtype=TOKEN_DTYPE)
+                ids.tofile(w)
+                n += len(ids)
+        os.replace(tmp, out)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{text_file} is not UTF-8 text: {e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    if verbose:
+        print(f"tokenized {text_file}: {n:,} tokens -> {out}")
+    return out
+
+
+def load_tokens(token_file: str) -> np.memmap:
+    """The flat token stream (N,) uint16, memory-mapped read-only."""
+    return np.memmap(token_file, dtype=TOKEN_DTYPE, mode="r")
+
+
+@dataclass
+class Split:
+    """One split of the token stream, cut into sequences of T+1 tokens starting every T tokens."""
+    tokens: np.ndarray   # (N,) uint16, a view of the memmap
+    block_size: int      # T
+
+    @property
+    def num_sequences(self) -> int:
+        return max(0, (len(self.tokens) - 1) // self.block_size)
+
+    def sequence(self, i: int) -> np.ndarray:
+        """Sequence i: tokens[i*T : i*T + T + 1], (T+1,)."""
+        T = self.block_size
+        return self.tokens[i * T: i * T + T + 1]
+
+
+def split_tokens(tokens: np.ndarray, val_fraction: float, block_size: int) -> tuple[Split, Split]:
+    """(train, val): val is the last `val_fraction` of the tokens, train everything before it."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    n_val = int(round(len(tokens) * val_fraction))
+    train, val = Split(tokens[: len(tokens) - n_val], block_size), Split(tokens[len(tokens) - n_val:], block_size)
+    if train.num_sequences == 0:
+        raise ValueError(f"the training split has {len(train.tokens)} tokens, fewer than block_size + 1 = "
+                         f"{block_size + 1}: use more data, a smaller --block-size or a smaller --val-fraction")
+    if val_fraction > 0 and val.num_sequences == 0:
+        raise ValueError(f"the validation split has {len(val.tokens)} tokens, fewer than block_size + 1 = "
+                         f"{block_size + 1}: use more data, a smaller --block-size or a larger --val-fraction")
+    return train, val
+
+
+class SequenceSampler:
+    """Global sequence index k = 0, 1, 2, ... -> a sequence of the split, epoch by epoch in random order.
+
+    Epoch e = k // num_sequences visits every sequence once in the order of a permutation drawn from
+    numpy's PCG64 seeded with (seed, e): deterministic, independent of how many processes read it, and
+    cheap to resume at any k (one permutation, O(num_sequences) int64, is kept per epoch).
+    """
+
+    def __init__(self, split: Split, seed: int, shuffle: bool = True):
+        self.split, self.seed, self.shuffle = split, seed, shuffle
+        self._epoch, self._perm = -1, None
+
+    def index(self, k: int) -> int:
+        n = self.split.num_sequences
+        epoch, i = divmod(k, n)
+        if not self.shuffle:
+            return i
+        if epoch != self._epoch:
+            self._perm = np.random.Generator(np.random.PCG64([self.seed, epoch])).permutation(n)
+            self._epoch = epoch
+        return int(self._perm[i])
+
+    def batch(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequences start .. start+count-1 as (x, y), each (count, T) int64."""
+        seqs = np.stack([self.split.sequence(self.index(k)) for k in range(start, start + count)]).astype(np.int64)
+        seqs = torch.from_numpy(seqs)
+        return seqs[:, :-1], seqs[:, 1:]
+
+
+def unigram_cross_entropy(train: np.ndarray, val: np.ndarray, vocab_size: int = 50257, alpha: float = 1.0) -> float:
+    """Cross-entropy (nats/token) on `val` of a unigram model fit on `train`, add-alpha smoothed over the
+    vocabulary (so tokens unseen in training get a finite cost): the baseline a language model that
+    ignores context would reach. Counting is chunked, so it works on memmaps of any size."""
+    counts = np.zeros(vocab_size, dtype=np.float64)
+    for s in range(0, len(train), 1 << 24):
+        counts += np.bincount(np.asarray(train[s: s + (1 << 24)]), minlength=vocab_size)[:vocab_size]
+    logp = np.log(counts + alpha) - np.log(counts.sum() + alpha * vocab_size)
+    nll, n = 0.0, 0
+    for s in range(0, len(val), 1 << 24):
+        chunk = np.asarray(val[s: s + (1 << 24)]).astype(np.int64)
+        nll -= logp[chunk].sum()
+        n += len(chunk)
+    return nll / max(n, 1)
