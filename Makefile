@@ -19,6 +19,9 @@ $(BIN)/.installed: setup.py
 setup: $(BIN)/.installed
 
 demo: setup
+	$(BIN)/python -m nanogpt2 generate --model shakespeare-tiny --prompt "ROMEO:" --max-new-tokens 120 --temperature 0.8 --seed 0
+
+verify: setup
 	$(BIN)/python -m nanogpt2 verify
 
 test: setup

@@ -285,7 +285,7 @@ def machine_line(dtype_name):
         where = torch.cuda.get_device_name()
     else:
         where = "CPU, Triton interpreter (TRITON_INTERPRET=1): timings are meaningless, only the checks count"
-    return f"{where} | torch {torch.__version__} | triton {triton.__version__} | {dtype_name}"
+    return f"# {where} | torch {torch.__version__} | triton {triton.__version__} | {dtype_name}"
 
 
 def main():

@@ -115,8 +115,11 @@ def base_parser(doc: str) -> argparse.ArgumentParser:
 QUICK_CONFIG = dict(vocab_size=512, n_positions=256, n_embd=64, n_layer=2, n_head=4)
 
 
-def model_pair(args, attn_implementation="sdpa", hf_attn="sdpa"):
-    """(nanogpt2 model, transformers model) with identical weights, eval mode, on args.device/dtype."""
+def model_pair(args, attn_implementation="sdpa", hf_attn="sdpa", initializer_range=None):
+    """(nanogpt2 model, transformers model) with identical weights, eval mode, on args.device/dtype.
+
+    Random weights use `initializer_range` (default GPT-2's 0.02); generation benchmarks pass a larger one so
+    the logits are peaky and greedy tokens do not hinge on rounding (both sides must produce the same tokens)."""
     import transformers
     from nanogpt2 import GPT2Config, GPT2LMHeadModel
     transformers.utils.logging.set_verbosity_error()
@@ -126,6 +129,8 @@ def model_pair(args, attn_implementation="sdpa", hf_attn="sdpa"):
         path = args.model
         if path is None:
             cfg = GPT2Config(**QUICK_CONFIG) if args.quick else GPT2Config.preset(args.preset)
+            if initializer_range is not None:
+                cfg.initializer_range = initializer_range
             torch.manual_seed(0)
             GPT2LMHeadModel(cfg).save_pretrained(tmp)
             path = tmp
@@ -135,3 +140,20 @@ def model_pair(args, attn_implementation="sdpa", hf_attn="sdpa"):
         theirs = transformers.GPT2LMHeadModel.from_pretrained(resolve(path).directory, dtype=dtype,
                                                               attn_implementation=hf_attn).to(args.device).eval()
     return ours, theirs
+
+
+def read_bandwidth(nbytes: int, device: str, repeats: int = 5) -> float:
+    """Bytes/s at which this machine streams `nbytes` from memory: the best of `repeats` sums over a buffer that
+    size (at least 256 MiB, so it cannot sit in a CPU cache). A decode step's floor is weight bytes / this."""
+    n = max(nbytes, 256 << 20) // 4
+    buf = torch.ones(n, dtype=torch.float32, device=device)
+    buf.sum()
+    best = min(timed(buf.sum) for _ in range(repeats))
+    del buf
+    return n * 4 / best
+
+
+def weight_bytes(model) -> int:
+    """Bytes of weights one decode step reads: every parameter once (tied lm_head/wte counted once), except
+    the position table, of which a step reads one row."""
+    return sum(p.numel() * p.element_size() for name, p in model.named_parameters() if "wpe" not in name)

@@ -10,8 +10,10 @@ near 1x the model's bytes (plus the interpreter, torch and one tensor in flight)
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -41,20 +43,28 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="gpt2-xl")
     ap.add_argument("--dir", default=None, help="where to write the random checkpoint (default /tmp/nanogpt2-<preset>)")
+    ap.add_argument("--quick", action="store_true", help="a tiny model in a temporary directory: checks the script runs")
     args = ap.parse_args()
+    from common import QUICK_CONFIG, machine_line
+    print(machine_line())
+    if args.quick:
+        args.preset, args.dir = "tiny", tempfile.mkdtemp(prefix="nanogpt2-load-")
     directory = args.dir or f"/tmp/nanogpt2-{args.preset}"
     if not os.path.isfile(os.path.join(directory, "config.json")):
         import torch
         from nanogpt2 import GPT2Config, GPT2LMHeadModel
         print(f"writing a random {args.preset} checkpoint to {directory} ...", flush=True)
         torch.manual_seed(0)
-        GPT2LMHeadModel(GPT2Config.preset(args.preset)).save_pretrained(directory)
+        config = GPT2Config(**QUICK_CONFIG) if args.quick else GPT2Config.preset(args.preset)
+        GPT2LMHeadModel(config).save_pretrained(directory)
     r = subprocess.run([sys.executable, "-c", LOADER, directory], capture_output=True, text=True, check=True)
     res = json.loads(r.stdout.strip().splitlines()[-1])
     extra = res["peak_mb"] - res["base_mb"]
     print(f"{'preset':<10}{'model MiB':>11}{'peak anon MiB':>15}{'beyond start':>14}{'ratio':>8}{'load s':>8}")
     print(f"{args.preset:<10}{res['model_mb']:>11.0f}{res['peak_mb']:>15.0f}{extra:>14.0f}"
           f"{extra / res['model_mb']:>8.2f}{res['seconds']:>8.1f}")
+    if args.quick:
+        shutil.rmtree(directory)
 
 
 if __name__ == "__main__":

@@ -95,10 +95,11 @@ class AttentionMask:
         return self.past_len + self.q_len
 
     def dense(self, device) -> Optional[torch.Tensor]:
-        """[B or 1, 1, q_len, S] bool, True = attend; None when plain causal with q_len == S (sdpa's is_causal)."""
+        """[B or 1, 1, q_len, S] bool, True = attend; None when plain causal with q_len == S (sdpa's is_causal)
+        or when a single query may see every key (decode without padding)."""
         if self._dense is None:
-            if self.key_padding is None and self.past_len == 0:
-                return None
+            if self.key_padding is None and (self.past_len == 0 or self.q_len == 1):
+                return None  # causal from the start, or one query that sees every key
             q_pos = torch.arange(self.past_len, self.kv_len, device=device)[:, None]  # (T, 1)
             k_pos = torch.arange(self.kv_len, device=device)[None, :]                  # (1, S)
             causal = k_pos <= q_pos                                                   # (T, S)

@@ -22,6 +22,7 @@ Left-padded batches: positions come from the attention mask, and every row gener
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from typing import Iterator, Optional, Union
 
@@ -29,7 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from . import logits_process as lp
+from .attention import AttentionMask
 from .cache import KVCache
+from .packed import available as packed_available, packed_linears
 
 # transformers' placeholder for "impossible" in beam search: a finite number, so sums of scores stay ordered
 BEAM_NEG = -1.0e9
@@ -54,6 +57,9 @@ class GenerationConfig:
     num_return_sequences: int = 1          # per input row: the best beams, or independent samples
     eos_token_id: Union[int, list, None] = None  # default: the model config's
     pad_token_id: Optional[int] = None     # fills finished rows; default: the model config's, else the first eos
+    # nanogpt2's own: multiply with oneDNN-packed weights on CPU (packed.py; ~2x faster decode, one more copy of
+    # the weights while generating). None: on when the model is on CPU and PyTorch can pack; False: off.
+    pack_weights: Optional[bool] = None
 
     def __post_init__(self):
         """Checks that need no model or prompt; generate() checks lengths and token ids against both."""
@@ -91,6 +97,8 @@ class GenerationConfig:
             raise bad("length_penalty", "must be a number")
         if self.early_stopping not in (True, False, "never") or not isinstance(self.early_stopping, (bool, str)):
             raise bad("early_stopping", "must be True, False or 'never'")
+        if self.pack_weights not in (None, True, False):
+            raise bad("pack_weights", "must be None (automatic), True or False")
         if not is_int(self.num_return_sequences) or self.num_return_sequences < 1:
             raise bad("num_return_sequences", "must be an integer >= 1")
         if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
@@ -199,10 +207,21 @@ def prefill(model, ids: torch.Tensor, mask: Optional[torch.Tensor], cache: KVCac
     return out.logits[:, -1].float()
 
 
-def decode_one_token(model, token: torch.Tensor, mask: Optional[torch.Tensor], cache: KVCache) -> torch.Tensor:
-    """One new token per row (N,) against the cache; `mask` (N, cached + 1) or None. Returns logits (N, V) fp32."""
-    out = model(token[:, None], attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1].float()
+def decode_one_token(model, token: torch.Tensor, mask: Optional[torch.Tensor], cache: KVCache,
+                     kv_start: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One new token per row (N,) against the cache; `mask` (N, cached + 1) left padding then ones, or None;
+    `kv_start` (N,) int32: each row's number of padding positions. Returns logits (N, V) fp32.
+
+    Goes through `model.decode_step`, not forward: the inputs are the loop's own, so forward's checks (and
+    their host syncs) are skipped, and the position and mask are built here without any."""
+    past = cache.length
+    if mask is None:
+        pos = torch.full((1, 1), past, dtype=torch.long, device=token.device)
+        attn = AttentionMask(past, 1)
+    else:   # a row's position counts its real tokens (positions_from_mask in model.py)
+        pos = mask.sum(-1, keepdim=True) - 1
+        attn = AttentionMask(past, 1, mask.bool(), _kv_start=kv_start, _left_padded=kv_start is not None)
+    return model.decode_step(token, pos, attn, cache).float()
 
 
 def process(scores: torch.Tensor, history: torch.Tensor, n_new: int, cfg: GenerationConfig, prompt: Prompt,
@@ -244,6 +263,11 @@ def repeat_rows(cache: KVCache, n: int) -> KVCache:
     return out
 
 
+def padding(prompt: Prompt) -> Optional[torch.Tensor]:
+    """(B,) int32: how many padding positions each prompt row starts with; None without padding."""
+    return None if prompt.mask is None else (prompt.mask.shape[1] - prompt.mask.sum(-1)).to(torch.int32)
+
+
 def expand(x: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
     return x if x is None or n == 1 else x.repeat_interleave(n, dim=0)
 
@@ -271,6 +295,7 @@ def decode(model, prompt: Prompt, cfg: GenerationConfig,
     if prompt.mask is not None:   # the prompt's padding, then ones for every new token
         mask = torch.ones(N, T + max_new, dtype=torch.long, device=seq.device)
         mask[:, :T] = expand(prompt.mask, n)
+    kv_start = expand(padding(prompt), n)
     unfinished = torch.ones(N, dtype=torch.bool, device=seq.device)
     for step in range(max_new):
         scores = process(logits, seq[:, :T + step], step, cfg, prompt)
@@ -285,7 +310,7 @@ def decode(model, prompt: Prompt, cfg: GenerationConfig,
         yield token
         if step + 1 == max_new or (prompt.eos is not None and not bool(unfinished.any())):  # the one sync
             return
-        logits = decode_one_token(model, token, None if mask is None else mask[:, :T + step + 1], cache)
+        logits = decode_one_token(model, token, None if mask is None else mask[:, :T + step + 1], cache, kv_start)
 
 
 # ---- beam search --------------------------------------------------------------------------------------------
@@ -327,6 +352,7 @@ def beam_search(model, prompt: Prompt, cfg: GenerationConfig, generator: Optiona
     if prompt.mask is not None:
         mask = torch.ones(B * nb, max_length, dtype=torch.long, device=dev)
         mask[:, :T] = expand(prompt.mask, nb)
+    kv_start = expand(padding(prompt), nb)   # beams trade histories within a row, never its padding
 
     running = torch.full((B, nb, max_length), fill, dtype=torch.long, device=dev)
     running[:, :, :T] = prompt.history[:, None]
@@ -394,7 +420,7 @@ def beam_search(model, prompt: Prompt, cfg: GenerationConfig, generator: Optiona
             break
         cache.reorder(parent.flatten())
         logits = decode_one_token(model, running[:, :, cur].flatten(),
-                                  None if mask is None else mask[:, :cur + 1], cache)
+                                  None if mask is None else mask[:, :cur + 1], cache, kv_start)
 
     # the best hypotheses per row, cut to the longest one returned (transformers counts their generated tokens)
     out = finished[:, :n_ret].flatten(0, 1)
@@ -408,6 +434,15 @@ def beam_search(model, prompt: Prompt, cfg: GenerationConfig, generator: Optiona
 def _setup(model, input_ids, attention_mask, kwargs) -> tuple[Prompt, GenerationConfig]:
     cfg = GenerationConfig(**kwargs)
     return prepare(model, input_ids, attention_mask, cfg), cfg
+
+
+def _packing(model, cfg: GenerationConfig, rows: int):
+    """The weight packing generate() runs under (packed.py): on CPU unless pack_weights=False."""
+    on_cpu = model.device.type == "cpu"
+    if cfg.pack_weights is True and not (on_cpu and packed_available()):
+        raise ValueError(f"pack_weights=True needs a CPU model and a PyTorch build with oneDNN (the model is on "
+                         f"{model.device}; oneDNN packing available: {packed_available()}); use None or False")
+    return packed_linears(model, rows) if cfg.pack_weights is not False and on_cpu else nullcontext()
 
 
 def _token_sink(streamer, prompt_ids):
@@ -431,8 +466,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
 
     kwargs are GenerationConfig's fields (transformers' names and meanings): max_new_tokens, max_length,
     min_new_tokens, do_sample, temperature, top_k, top_p, min_p, repetition_penalty, no_repeat_ngram_size,
-    num_beams, length_penalty, early_stopping, num_return_sequences, eos_token_id, pad_token_id.
-    `attention_mask` (B, T): 0 marks left padding. `generator` (a torch.Generator on the model's device)
+    num_beams, length_penalty, early_stopping, num_return_sequences, eos_token_id, pad_token_id; and
+    nanogpt2's pack_weights (None: oneDNN-packed weights on CPU, packed.py). `attention_mask` (B, T): 0 marks left padding. `generator` (a torch.Generator on the model's device)
     makes sampling reproducible without touching the global RNG (which it uses otherwise, as transformers
     does). `streamer(tokens)` is called with each step's new tokens (N,) (greedy and sampling only; a
     transformers streamer with put()/end() works too). Output rows are b * num_return_sequences + i.
@@ -442,13 +477,15 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
         if streamer is not None:
             raise ValueError("streamer cannot be used with beam search (num_beams > 1): beams are only decided "
                              "at the end (transformers refuses it too)")
-        return beam_search(model, prompt, cfg, generator)
+        with _packing(model, cfg, prompt.ids.shape[0] * cfg.num_beams):
+            return beam_search(model, prompt, cfg, generator)
     put, end = _token_sink(streamer, prompt.ids)
     new = []
-    for token in decode(model, prompt, cfg, generator):
-        new.append(token)
-        if put is not None:
-            put(token)
+    with _packing(model, cfg, prompt.ids.shape[0] * cfg.num_return_sequences):
+        for token in decode(model, prompt, cfg, generator):
+            new.append(token)
+            if put is not None:
+                put(token)
     if end is not None:
         end()
     return torch.cat([expand(prompt.ids, cfg.num_return_sequences), torch.stack(new, dim=1)], dim=1)
@@ -466,8 +503,9 @@ def stream(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor
                          "only at the end; use generate()")
 
     @torch.no_grad()   # on a generator function, torch enters no_grad around each step only, not in between
-    def tokens():
-        yield from decode(model, prompt, cfg, generator)
+    def tokens():   # packed until exhausted or closed (a dropped iterator is closed when collected)
+        with _packing(model, cfg, prompt.ids.shape[0] * cfg.num_return_sequences):
+            yield from decode(model, prompt, cfg, generator)
 
     return tokens()
 

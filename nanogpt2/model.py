@@ -221,9 +221,14 @@ class GPT2Model(PreTrained):
         x = x + self.wpe(position_ids)
         if token_type_ids is not None:  # GPT-2 has no segment table: transformers reuses wte
             x = x + self.wte(self._check_ids(token_type_ids, "token_type_ids"))
-        x = self.drop(self.hook_registry("embed", x))
+        return self.run(x, AttentionMask.build(attention_mask, past, T), cache, output_hidden_states,
+                        output_attentions)
 
-        mask = AttentionMask.build(attention_mask, past, T)
+    def run(self, x: torch.Tensor, mask: AttentionMask, cache: Optional[KVCache] = None,
+            output_hidden_states: bool = False, output_attentions: bool = False) -> GPT2Output:
+        """The network proper, on checked inputs: embeddings x (B, T, C) (tokens + positions) -> last_hidden_state.
+        `forward` validates and calls this; generation's decode step calls it directly (its inputs are its own)."""
+        x = self.drop(self.hook_registry("embed", x))
         hidden_states, attentions = [], []
         for block in self.h:
             if output_hidden_states:
@@ -235,7 +240,7 @@ class GPT2Model(PreTrained):
             if output_attentions:
                 attentions.append(probs)
         if cache is not None:
-            cache.advance(T)
+            cache.advance(mask.q_len)
         x = self.hook_registry("ln_f", self.ln_f(x))
         if output_hidden_states:  # transformers' convention: the last entry is after ln_f
             hidden_states.append(x)
@@ -319,6 +324,16 @@ class GPT2LMHeadModel(PreTrained):
             out.loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).long(),
                                        ignore_index=-100)
         return out
+
+    def decode_step(self, tokens: torch.Tensor, position_ids: torch.Tensor, mask: AttentionMask,
+                    cache: KVCache) -> torch.Tensor:
+        """One new token per row against the cache: tokens (N,), position_ids (N or 1, 1) -> logits (N, V).
+
+        generate()'s inner loop. It skips `forward`'s input checks and their host syncs (the loop made these
+        inputs itself) and builds no output object; hooks run as in any forward."""
+        t = self.transformer
+        out = t.run(t.wte(tokens[:, None]) + t.wpe(position_ids), mask, cache)
+        return self.lm_head(out.last_hidden_state[:, -1])
 
     @torch.no_grad()
     def generate(self, input_ids, **kwargs):

@@ -162,7 +162,8 @@ def test_streamer_is_called_per_step_as_tokens_are_made(models, batch):
     ours = models[1]
     ids, mask, common = batch
     forwards, seen = [0], []
-    handle = ours.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+    handle = ours.transformer.h[0].register_forward_pre_hook(   # one call per prefill or decode step
+        lambda *_: forwards.__setitem__(0, forwards[0] + 1))
     try:
         out = generate(ours, ids, mask, max_new_tokens=NEW, eos_token_id=common[0], pad_token_id=1,
                        streamer=lambda t: seen.append((forwards[0], t.clone())))

@@ -1,0 +1,36 @@
+"""Every benchmark script runs end to end in its --quick mode (tiny shapes), so none of them rots.
+
+No timing is asserted: speed goals live in the benchmarks' tables (BENCHMARKS.md), not in tests. What is
+asserted is what a user of the scripts would notice: they exit 0, print the machine line and a table, and the
+generation benchmarks' token-equality check passed (they refuse to print a speed otherwise).
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = sorted(f for f in os.listdir(os.path.join(ROOT, "benchmarks")) if f.endswith(".py") and f != "common.py")
+
+
+def test_every_script_is_listed():
+    assert set(SCRIPTS) >= {"attention.py", "decode.py", "generate.py", "load_memory.py", "memory.py",
+                            "prefill.py", "train_step.py"}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_quick_mode_runs(script, tmp_path):
+    csv = tmp_path / "out.csv"
+    cmd = [sys.executable, os.path.join("benchmarks", script), "--quick"]
+    if script != "load_memory.py":
+        cmd += ["--csv", str(csv)]
+    env = dict(os.environ, TRITON_INTERPRET="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"{script} --quick failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    lines = [line for line in r.stdout.splitlines() if line.strip()]
+    assert lines[0].startswith("#") and "torch" in lines[0], f"no machine line first:\n{r.stdout}"
+    assert len(lines) >= 3, f"no table:\n{r.stdout}"
+    if script != "load_memory.py":
+        rows = csv.read_text().strip().splitlines()
+        assert len(rows) >= 2, f"{script} wrote no CSV rows"

@@ -1,0 +1,92 @@
+"""oneDNN-packed weights (nanogpt2/packed.py): same results as F.linear, never wrong gradients or stale weights."""
+import pytest
+import torch
+
+from nanogpt2 import GPT2Config, GPT2LMHeadModel
+from nanogpt2.packed import available, pack, packed_linears, unpack
+
+pytestmark = pytest.mark.skipif(not available(), reason="this PyTorch build cannot pack weights for oneDNN")
+
+TINY = dict(vocab_size=101, n_positions=64, n_embd=32, n_layer=2, n_head=4, initializer_range=0.7)
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(**TINY)).eval()
+
+
+def linears(model):
+    return [m for m in model.modules() if type(m) is torch.nn.Linear]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-2)])
+def test_packed_logits_match_plain(model, dtype, tol):
+    model = model.to(dtype)
+    ids = torch.randint(0, 101, (3, 9))
+    with torch.no_grad():
+        ref = model(ids).logits.float()
+        with packed_linears(model) as layers:
+            assert len(layers) == len(linears(model)) == 4 * 2 + 1   # 4 per block + lm_head
+            got = model(ids).logits.float()
+    assert (got - ref).abs().max().item() <= tol * ref.abs().max().item()
+
+
+def test_layers_are_restored_on_exit_even_on_error(model):
+    with pytest.raises(RuntimeError, match="boom"):
+        with packed_linears(model):
+            raise RuntimeError("boom")
+    assert all("forward" not in vars(m) for m in linears(model))
+
+
+def test_gradients_bypass_the_packed_copy(model):
+    """Training inside the block must give the gradients of the plain model (the packed op has no autograd)."""
+    ids = torch.randint(0, 101, (2, 8))
+    model.train()
+    torch.manual_seed(1)
+    model(ids, labels=ids).loss.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    with packed_linears(model):
+        torch.manual_seed(1)
+        model(ids, labels=ids).loss.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], msg=n)
+
+
+def test_weights_changed_after_packing_are_not_ignored(model):
+    ids = torch.randint(0, 101, (1, 5))
+    with torch.no_grad(), packed_linears(model):
+        before = model(ids).logits
+        model.transformer.h[0].mlp.c_fc.weight.mul_(2.0)   # in place: the packed copy is stale now
+        after = model(ids).logits
+        model.transformer.h[0].mlp.c_fc.weight.div_(2.0)
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight.mul_(2.0)
+        expected = model(ids).logits
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_nested_blocks_pack_once(model):
+    with packed_linears(model) as outer:
+        with packed_linears(model) as inner:
+            assert inner == []
+        assert all("forward" in vars(m) for m in outer)   # the inner exit left the outer packing alone
+    unpack(pack(model))
+    assert all("forward" not in vars(m) for m in linears(model))
+
+
+def test_generate_packs_and_gives_the_same_tokens(model):
+    ids = torch.randint(0, 101, (2, 6))
+    plain = model.generate(ids, max_new_tokens=12, pack_weights=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=12), plain)
+    assert torch.equal(model.generate(ids, max_new_tokens=12, pack_weights=True), plain)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, num_beams=3, pack_weights=True),
+                       model.generate(ids, max_new_tokens=8, num_beams=3, pack_weights=False))
+    assert all("forward" not in vars(m) for m in linears(model))
+
+
+def test_pack_weights_must_be_a_bool_or_none(model):
+    with pytest.raises(ValueError, match="pack_weights='yes'"):
+        model.generate(torch.tensor([[1, 2]]), max_new_tokens=2, pack_weights="yes")
