@@ -1,6 +1,6 @@
 """Decode throughput: greedy generation over the KV cache, nanogpt2 vs transformers, same weights and prompts.
 
-    python benchmarks/decode.py [--quick] [--csv out.csv] [--batches 1 8] [--new-tokens 128 512]
+    python benchmarks/decode.py [--quick] [--csv out.csv] [--batches 1 8] [--new-tokens 128 512] [--compile]
                                 [--device cuda --dtype bfloat16]
 
 Decode time is separated from the prompt: each implementation runs `generate` with N new tokens and with 1, and
@@ -14,6 +14,8 @@ end-to-end figure is benchmarks/generate.py's). Columns:
   vs sdpa      nanogpt2 tok/s / transformers-sdpa tok/s (> 1: we are faster)
 On CPU, "unpacked" is nanogpt2 with pack_weights=False (plain F.linear): the effect of nanogpt2/packed.py.
 On CUDA, "hf-static" is transformers with cache_implementation="static" (which it compiles itself).
+--compile adds nanogpt2's generate(compile=True): the fixed-shape step through torch.compile (inductor
+freezing on CPU, CUDA graphs on GPU), compiled before timing.
 Random weights use initializer_range=0.1 so logits are peaky; both sides must produce the same tokens
 before any speed is printed.
 """
@@ -29,6 +31,8 @@ def main():
     p.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (default CPU: 1 8; GPU: 1 8 64)")
     p.add_argument("--new-tokens", type=int, nargs="+", default=None,
                    help="new tokens per row (default CPU: 128; GPU: 128 512)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time nanogpt2's generate(compile=True) (compiled once, before timing)")
     args = p.parse_args()
     cuda = args.device.startswith("cuda")
     repeats = args.repeats or (1 if args.quick else 3)
@@ -59,8 +63,12 @@ def main():
     else:
         impls["unpacked"] = lambda ids, n: run_ours(ids, n, pack_weights=False)
     extra = "hf-static" if cuda else "unpacked"
-    table = Table([("B", 4), ("new", 5), ("nanogpt2 tok/s", 15), ("hf-sdpa tok/s", 14), ("hf-eager tok/s", 15),
-                   (f"{extra} tok/s", 16), ("vs sdpa", 8), ("ms/step", 9), ("GB/s", 7), ("x floor", 8)])
+    cols = [("B", 4), ("new", 5), ("nanogpt2 tok/s", 15), ("hf-sdpa tok/s", 14), ("hf-eager tok/s", 15),
+            (f"{extra} tok/s", 16), ("vs sdpa", 8), ("ms/step", 9), ("GB/s", 7), ("x floor", 8)]
+    if args.compile:
+        impls["compiled"] = lambda ids, n: run_ours(ids, n, compile=True)
+        cols += [("compiled tok/s", 15), ("vs sdpa", 8), ("x floor", 8)]
+    table = Table(cols)
     for B in batches:
         for n in new_tokens:
             torch.manual_seed(B)
@@ -86,8 +94,12 @@ def main():
                 t = paired(fns, repeats)
             tps = {name: B * (n - 1) / max(t[name + "_n"] - t[name + "_1"], 1e-9) for name in impls}
             step_ms = (t["ours_n"] - t["ours_1"]) / (n - 1) * 1e3
-            table.add(B, n, tps["ours"], tps["sdpa"], tps["eager"], tps.get("static", tps.get("unpacked", "n/a")),
-                      tps["ours"] / tps["sdpa"], step_ms, wbytes / step_ms / 1e6, step_ms / floor_ms)
+            row = [B, n, tps["ours"], tps["sdpa"], tps["eager"], tps.get("static", tps.get("unpacked", "n/a")),
+                   tps["ours"] / tps["sdpa"], step_ms, wbytes / step_ms / 1e6, step_ms / floor_ms]
+            if args.compile:
+                c_ms = (t["compiled_n"] - t["compiled_1"]) / (n - 1) * 1e3
+                row += [tps["compiled"], tps["compiled"] / tps["sdpa"], c_ms / floor_ms]
+            table.add(*row)
     table.write_csv(args.csv)
 
 

@@ -31,9 +31,11 @@ def saved_bytes(model, ids) -> int:
     return total
 
 
-def peak_inference(model, ids) -> float:
+def peak_inference(model, ids):
+    """MiB allocated by one inference forward beyond what was allocated before (CUDA only; "n/a" on CPU, where
+    PyTorch keeps no allocator statistics)."""
     if not torch.cuda.is_available():
-        return float("nan")
+        return "n/a"
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -63,7 +65,7 @@ def main():
         pa, pb = peak_inference(ours, ids), peak_inference(hf, ids)
         for m in (ours, hf):
             m.train()
-        table.add(T, a, b, c, a / b, pa, pb)
+        table.add(T, a, b, c, a / b, pa, pb)   # saved activations: the training-memory part that grows with T
     table.write_csv(args.csv)
 
 

@@ -80,6 +80,17 @@ class AttentionMask:
     _dense: Optional[torch.Tensor] = None
     _kv_start: Optional[torch.Tensor] = None
     _left_padded: Optional[bool] = None
+    # fixed-shape decode (cache.StaticSlot): int32 (B,) valid positions per row, the keys being the whole buffer
+    cache_seqlens: Optional[torch.Tensor] = None
+
+    @classmethod
+    def static_decode(cls, cache_seqlens: torch.Tensor, kv_start: torch.Tensor, max_len: int) -> "AttentionMask":
+        """One query per row against a whole cache buffer of max_len positions, of which row b's valid keys are
+        [kv_start[b], cache_seqlens[b]) (int32 (B,) tensors): no Python number changes from step to step."""
+        k_pos = torch.arange(max_len, device=cache_seqlens.device)[None, :]
+        valid = (k_pos < cache_seqlens[:, None]) & (k_pos >= kv_start[:, None])           # (B, S)
+        return cls(max_len - 1, 1, valid, _dense=valid[:, None, None, :], _kv_start=kv_start, _left_padded=True,
+                   cache_seqlens=cache_seqlens)
 
     @classmethod
     def build(cls, attention_mask: Optional[torch.Tensor], past_len: int, q_len: int) -> "AttentionMask":
@@ -177,7 +188,9 @@ def _triton(q, k, v, mask, scale):
         return kernels.flash_attention(q, k, v, causal=True, sm_scale=scale, kv_start=kv_start)
     if mask.q_len == 1:                          # decode: one query against the cache
         B = q.shape[0]
-        seqlens = torch.full((B,), mask.kv_len, dtype=torch.int32, device=q.device)
+        seqlens = mask.cache_seqlens
+        if seqlens is None:
+            seqlens = torch.full((B,), mask.kv_len, dtype=torch.int32, device=q.device)
         return kernels.decode_attention(q[:, :, 0], k, v, seqlens, kv_start=kv_start,
                                         sm_scale=scale).unsqueeze(2)
     return None                                  # several new tokens after a cache: sdpa

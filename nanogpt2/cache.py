@@ -67,3 +67,26 @@ class KVCache:
         n_layer, B, H, S, D = self.k.shape
         return (f"KVCache(n_layer={n_layer}, batch={B}, heads={H}, length={self.length}/{S}, head_dim={D}, "
                 f"dtype={self.k.dtype})")
+
+
+class StaticSlot:
+    """The cache as a fixed-shape decode step sees it (generation.py's compiled step; CUDA graphs).
+
+    `update` writes the new keys/values at the position held in the (1,) long tensor `write_at` and returns the
+    whole buffers (B, H, max_len, D): shapes and addresses never change from step to step, so torch.compile
+    traces the step once. Which positions are valid is the attention mask's business (AttentionMask with
+    `cache_seqlens`); `advance` is left to the caller, outside the compiled region.
+    """
+
+    def __init__(self, cache: KVCache):
+        self.cache = cache
+        self.write_at = torch.zeros(1, dtype=torch.long, device=cache.k.device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ks, vs = self.cache.k[layer], self.cache.v[layer]
+        ks.index_copy_(2, self.write_at, k)
+        vs.index_copy_(2, self.write_at, v)
+        return ks, vs
+
+    def advance(self, n: int) -> None:
+        pass

@@ -10,9 +10,14 @@ The loop is written by phase, as gpt-fast's generate.py is:
                       `decode` (greedy, sampling) and `beam_search`
 The cache is preallocated once (cache.py) for prompt + max_new_tokens - 1 positions (the last token is never
 fed back), the prompt is run once per input row however many sequences it returns, and the loop's only host
-sync per step is the "all rows finished?" check, made only when there is an eos token to finish on (the
-model's own input checks add theirs: model.py `_check_ids`, attention.py `AttentionMask`). Beam search keeps beams in the batch dimension (row =
-b * num_beams + beam) and reorders the cache with `KVCache.reorder` when beams trade histories.
+sync per step is the "all rows finished?" check, made only when there is an eos token to finish on: a step
+goes through `model.decode_step`, which skips forward's input checks (and their syncs). Beam search keeps
+beams in the batch dimension (row = b * num_beams + beam) and reorders the cache with `KVCache.reorder` when
+beams trade histories.
+
+Speed (BENCHMARKS.md): on CPU the linear layers multiply with oneDNN-packed weights while generating
+(packed.py; `pack_weights`), which is what makes decoding memory-bound at ~1.5x the weight-read floor;
+`compile=True` runs a fixed-shape step through torch.compile (`CompiledStep`; CUDA graphs on GPU).
 
 Semantics are transformers 5.x's (generation/utils.py, logits_process.py, stopping_criteria.py), pinned by
 parity tests: argument names, defaults and meanings (top_k=50 when sampling; max_length counts the prompt;
@@ -31,7 +36,7 @@ import torch.nn.functional as F
 
 from . import logits_process as lp
 from .attention import AttentionMask
-from .cache import KVCache
+from .cache import KVCache, StaticSlot
 from .packed import available as packed_available, packed_linears
 
 # transformers' placeholder for "impossible" in beam search: a finite number, so sums of scores stay ordered
@@ -60,6 +65,9 @@ class GenerationConfig:
     # nanogpt2's own: multiply with oneDNN-packed weights on CPU (packed.py; ~2x faster decode, one more copy of
     # the weights while generating). None: on when the model is on CPU and PyTorch can pack; False: off.
     pack_weights: Optional[bool] = None
+    # nanogpt2's own: torch.compile the decode step (CompiledStep: fixed shapes; CUDA graphs on GPU). The first
+    # call per model, batch size and length compiles (about a minute on a small CPU); weights are not packed.
+    compile: bool = False
 
     def __post_init__(self):
         """Checks that need no model or prompt; generate() checks lengths and token ids against both."""
@@ -97,6 +105,8 @@ class GenerationConfig:
             raise bad("length_penalty", "must be a number")
         if self.early_stopping not in (True, False, "never") or not isinstance(self.early_stopping, (bool, str)):
             raise bad("early_stopping", "must be True, False or 'never'")
+        if self.compile not in (True, False):
+            raise bad("compile", "must be True or False")
         if self.pack_weights not in (None, True, False):
             raise bad("pack_weights", "must be None (automatic), True or False")
         if not is_int(self.num_return_sequences) or self.num_return_sequences < 1:
@@ -224,6 +234,64 @@ def decode_one_token(model, token: torch.Tensor, mask: Optional[torch.Tensor], c
     return model.decode_step(token, pos, attn, cache).float()
 
 
+class CompiledStep:
+    """decode_one_token with fixed shapes, run through torch.compile (generate(compile=True)).
+
+    Each step attends over the whole cache buffer with a mask (AttentionMask.static_decode) and writes its
+    key/value at a position held in a tensor (cache.StaticSlot); the lengths live in int32 tensors updated in
+    place. So no shape, address or Python number changes from step to step: the step compiles once per batch
+    size and cache length, and on CUDA mode="reduce-overhead" replays it as a CUDA graph. On CPU the compile
+    freezes the weights (inductor's `freezing`: weights as constants, prepacked for oneDNN), so a model whose
+    weights change must not reuse the compiled step: `_compiled` is keyed by the parameters' versions.
+    The price of fixed shapes is reading the whole buffer (max_len positions) every step.
+    """
+
+    def __init__(self, model, cache: KVCache, kv_start: Optional[torch.Tensor]):
+        N, dev = cache.batch_size, cache.k.device
+        self.model, self.cache, self.slot = model, cache, StaticSlot(cache)
+        self.seqlens = torch.zeros(N, dtype=torch.int32, device=dev)
+        self.kv_start = torch.zeros(N, dtype=torch.int32, device=dev) if kv_start is None else kv_start.clone()
+        self.fn = _compiled(model)
+
+    def __call__(self, token: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        past = self.cache.length
+        if past >= self.cache.max_len:
+            raise ValueError(f"KV cache is full: {past} cached positions, max_len {self.cache.max_len}")
+        self.slot.write_at.fill_(past)
+        self.seqlens.fill_(past + 1)
+        logits = self.fn(self.model, token, self.seqlens, self.kv_start, self.slot)
+        self.cache.advance(1)
+        return logits.float()
+
+
+def _static_step(model, tokens, seqlens, kv_start, slot):
+    mask = AttentionMask.static_decode(seqlens, kv_start, slot.cache.max_len)
+    positions = (seqlens - 1 - kv_start).long()[:, None]   # a row's position counts its real tokens
+    return model.decode_step(tokens, positions, mask, slot)
+
+
+def _compiled(model):
+    """The compiled step for this model and weights (recompiled if any parameter changed in place)."""
+    versions = tuple(p._version for p in model.parameters())
+    key = (str(model.device), model.dtype, versions)
+    cached = model.__dict__.get("_nanogpt2_compiled_step")
+    if cached is None or cached[0] != key:
+        if model.device.type == "cuda":
+            fn = torch.compile(_static_step, mode="reduce-overhead", dynamic=False)
+        else:
+            fn = torch.compile(_static_step, dynamic=False, options={"freezing": True})
+        cached = (key, fn)
+        model.__dict__["_nanogpt2_compiled_step"] = cached
+    return cached[1]
+
+
+def make_step(model, cache: KVCache, kv_start: Optional[torch.Tensor], cfg: "GenerationConfig"):
+    """The per-token function the loops call: (token (N,), mask (N, cached + 1) or None) -> logits (N, V)."""
+    if cfg.compile:
+        return CompiledStep(model, cache, kv_start)
+    return lambda token, mask: decode_one_token(model, token, mask, cache, kv_start)
+
+
 def process(scores: torch.Tensor, history: torch.Tensor, n_new: int, cfg: GenerationConfig, prompt: Prompt,
             min_tokens_to_keep: int = 1) -> torch.Tensor:
     """The logits processors, in transformers' order (`_get_logits_processor`); warpers only when sampling."""
@@ -295,7 +363,7 @@ def decode(model, prompt: Prompt, cfg: GenerationConfig,
     if prompt.mask is not None:   # the prompt's padding, then ones for every new token
         mask = torch.ones(N, T + max_new, dtype=torch.long, device=seq.device)
         mask[:, :T] = expand(prompt.mask, n)
-    kv_start = expand(padding(prompt), n)
+    step_fn = make_step(model, cache, expand(padding(prompt), n), cfg)
     unfinished = torch.ones(N, dtype=torch.bool, device=seq.device)
     for step in range(max_new):
         scores = process(logits, seq[:, :T + step], step, cfg, prompt)
@@ -310,7 +378,7 @@ def decode(model, prompt: Prompt, cfg: GenerationConfig,
         yield token
         if step + 1 == max_new or (prompt.eos is not None and not bool(unfinished.any())):  # the one sync
             return
-        logits = decode_one_token(model, token, None if mask is None else mask[:, :T + step + 1], cache, kv_start)
+        logits = step_fn(token, None if mask is None else mask[:, :T + step + 1])
 
 
 # ---- beam search --------------------------------------------------------------------------------------------
@@ -352,7 +420,8 @@ def beam_search(model, prompt: Prompt, cfg: GenerationConfig, generator: Optiona
     if prompt.mask is not None:
         mask = torch.ones(B * nb, max_length, dtype=torch.long, device=dev)
         mask[:, :T] = expand(prompt.mask, nb)
-    kv_start = expand(padding(prompt), nb)   # beams trade histories within a row, never its padding
+    # beams trade histories within a row, never its padding
+    step_fn = make_step(model, cache, expand(padding(prompt), nb), cfg)
 
     running = torch.full((B, nb, max_length), fill, dtype=torch.long, device=dev)
     running[:, :, :T] = prompt.history[:, None]
@@ -419,8 +488,7 @@ def beam_search(model, prompt: Prompt, cfg: GenerationConfig, generator: Optiona
         if not bool(may_improve.any() & ~all_full & ~ended.all()):    # the one host sync per step
             break
         cache.reorder(parent.flatten())
-        logits = decode_one_token(model, running[:, :, cur].flatten(),
-                                  None if mask is None else mask[:, :cur + 1], cache, kv_start)
+        logits = step_fn(running[:, :, cur].flatten(), None if mask is None else mask[:, :cur + 1])
 
     # the best hypotheses per row, cut to the longest one returned (transformers counts their generated tokens)
     out = finished[:, :n_ret].flatten(0, 1)
@@ -442,7 +510,11 @@ def _packing(model, cfg: GenerationConfig, rows: int):
     if cfg.pack_weights is True and not (on_cpu and packed_available()):
         raise ValueError(f"pack_weights=True needs a CPU model and a PyTorch build with oneDNN (the model is on "
                          f"{model.device}; oneDNN packing available: {packed_available()}); use None or False")
-    return packed_linears(model, rows) if cfg.pack_weights is not False and on_cpu else nullcontext()
+    if cfg.compile and cfg.pack_weights:
+        raise ValueError("pack_weights=True and compile=True exclude each other: the compiled step packs the "
+                         "weights itself (inductor's freezing); pass one of them")
+    use = cfg.pack_weights is not False and not cfg.compile and on_cpu
+    return packed_linears(model, rows) if use else nullcontext()
 
 
 def _token_sink(streamer, prompt_ids):

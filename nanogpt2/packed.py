@@ -3,7 +3,7 @@
 A decode step multiplies one row per sequence by every weight matrix: a GEMV, bound by how fast the weights
 stream from memory. PyTorch's default CPU path (MKL sgemv on the [out, in] nn.Linear weight) reaches only about
 a third of this machine's read bandwidth; oneDNN, given the weight once in its own blocked layout, reaches
-about two thirds (benchmarks/BENCHMARKS.md has the figures). This is what torch.compile's CPU backend does
+about two thirds (BENCHMARKS.md has the figures). This is what torch.compile's CPU backend does
 when it freezes weights (torch/_inductor/fx_passes/mkldnn_fusion.py: `mkldnn._reorder_linear_weight` +
 `mkldnn._linear_pointwise`); here it is done by hand, without a compile.
 

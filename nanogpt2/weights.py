@@ -302,6 +302,13 @@ def hf_state_dict(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 
 def save_pretrained(model: nn.Module, save_directory, max_shard_size="5GB") -> None:
     from safetensors.torch import save_file
+
+    from .lora import lora_modules
+    adapters = list(lora_modules(model))
+    if adapters:   # their keys (c_attn.base_layer.weight, lora_A ...) would make a checkpoint nobody can load
+        raise ValueError(f"the model has unmerged LoRA adapters ({', '.join(adapters[:3])}"
+                         f"{', ...' if len(adapters) > 3 else ''}): call nanogpt2.lora.merge_lora(model) first to "
+                         "save a plain checkpoint, or nanogpt2.lora.save_adapter(model, dir) to save the adapters")
     limit = _parse_size(max_shard_size)
     os.makedirs(save_directory, exist_ok=True)
     config = model.config.to_dict()

@@ -149,3 +149,16 @@ def test_regex_targets_follow_peft(hf_checkpoint, tmp_path):
     plain = apply_lora(GPT2LMHeadModel.from_pretrained(path), r=2, alpha=4, target_modules="c_fc")
     save_adapter(plain, tmp_path / "plain")
     assert json.loads((tmp_path / "plain" / "adapter_config.json").read_text())["target_modules"] == ["c_fc"]
+
+
+def test_save_pretrained_refuses_unmerged_adapters(hf_checkpoint, tmp_path):
+    """A plain checkpoint with LoRA keys in it would load nowhere: refuse, and say what to call instead."""
+    path, _ = hf_checkpoint()
+    model = GPT2LMHeadModel.from_pretrained(path)
+    apply_lora(model, r=4, alpha=8, target_modules=("c_attn", "c_fc"))
+    with pytest.raises(ValueError, match="unmerged LoRA adapters .*merge_lora.*save_adapter"):
+        model.save_pretrained(tmp_path / "plain")
+    assert not (tmp_path / "plain" / "model.safetensors").exists()
+    merge_lora(model)
+    model.save_pretrained(tmp_path / "plain")
+    assert (tmp_path / "plain" / "model.safetensors").exists()

@@ -1,0 +1,81 @@
+"""generate(compile=True): the fixed-shape decode step (generation.CompiledStep) gives transformers' tokens.
+
+The fixed-shape logic (StaticSlot writes at a tensor position, AttentionMask.static_decode masks the whole
+buffer) is checked eagerly against transformers for every generation case; one test then really compiles it
+(inductor, freezing) on a tiny model, which takes tens of seconds on 2 cores.
+"""
+import pytest
+import torch
+
+from helpers_generation import hf_generate, left_padded, peaky_pair
+from nanogpt2 import generation
+from nanogpt2.attention import AttentionMask
+
+from test_generation import CASES, NEW, resolve
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return peaky_pair(tmp_path_factory.mktemp("peaky"))
+
+
+@pytest.fixture(scope="module")
+def batch(models):
+    ids, mask = left_padded(models[1].config.vocab_size)
+    new = generation.generate(models[1], ids, mask, max_new_tokens=NEW)[:, ids.shape[1]:]
+    counts = torch.bincount(new.flatten(), minlength=models[1].config.vocab_size)
+    return ids, mask, counts.argsort(descending=True)[:8].tolist()
+
+
+@pytest.fixture
+def eager_static_step(monkeypatch):
+    """CompiledStep with its fixed-shape function run eagerly (no compile): the same code path, in seconds."""
+    monkeypatch.setattr(generation, "_compiled", lambda model: generation._static_step)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+def test_fixed_shape_step_gives_transformers_tokens(models, batch, case, padded, eager_static_step):
+    hf, ours = models
+    ids, mask, common = batch
+    if not padded:
+        ids, mask = ids[:1], None
+    kw = resolve(case, common)
+    got = generation.generate(ours, ids, mask, max_new_tokens=NEW, compile=True, **kw)
+    want = hf_generate(hf, ids, mask, max_new_tokens=NEW, **kw)
+    assert torch.equal(got, want)
+
+
+def test_static_mask_sees_exactly_the_valid_keys():
+    seqlens = torch.tensor([5, 5], dtype=torch.int32)
+    kv_start = torch.tensor([0, 2], dtype=torch.int32)
+    m = AttentionMask.static_decode(seqlens, kv_start, max_len=8)
+    assert m.dense("cpu")[:, 0, 0].tolist() == [[True] * 5 + [False] * 3,
+                                                [False] * 2 + [True] * 3 + [False] * 3]
+    assert m.kv_start() is kv_start and m.kv_len == 8
+
+
+def test_compile_rejects_pack_weights_and_non_bools(models):
+    ours = models[1]
+    with pytest.raises(ValueError, match="pack_weights=True and compile=True"):
+        ours.generate(torch.tensor([[3, 4]]), max_new_tokens=2, compile=True, pack_weights=True)
+    with pytest.raises(ValueError, match="compile='yes'"):
+        ours.generate(torch.tensor([[3, 4]]), max_new_tokens=2, compile="yes")
+
+
+def test_really_compiled_step_matches(models, batch):
+    hf, ours = models
+    ids, mask, _ = batch
+    got = ours.generate(ids, attention_mask=mask, max_new_tokens=NEW, compile=True)
+    assert torch.equal(got, hf_generate(hf, ids, mask, max_new_tokens=NEW))
+    # weights changed in place: the compiled step (frozen weights) must not be reused
+    with torch.no_grad():
+        ours.transformer.h[0].mlp.c_fc.weight.mul_(1.5)
+        hf.transformer.h[0].mlp.c_fc.weight.mul_(1.5)
+    try:
+        got = ours.generate(ids, attention_mask=mask, max_new_tokens=NEW, compile=True)
+        assert torch.equal(got, hf_generate(hf, ids, mask, max_new_tokens=NEW))
+    finally:
+        with torch.no_grad():
+            ours.transformer.h[0].mlp.c_fc.weight.div_(1.5)
+            hf.transformer.h[0].mlp.c_fc.weight.div_(1.5)
