@@ -1,0 +1,87 @@
+"""The whole model on attn_implementation="triton" (the fused kernels, here under TRITON_INTERPRET=1) equals
+"sdpa": logits, every parameter's gradient, and generated tokens, with and without left padding.
+
+GPT-2's numerics flags map onto the kernels: scale_attn_weights / scale_attn_by_inverse_layer_idx become
+sm_scale, and reorder_and_upcast_attn needs nothing (the kernels accumulate q·k and softmax in fp32 always).
+"""
+import pytest
+import torch
+
+from helpers_generation import left_padded
+from nanogpt2 import GPT2Config, GPT2LMHeadModel
+from nanogpt2.attention import _kernels
+
+pytestmark = pytest.mark.skipif(_kernels() is None, reason="triton is not importable here")
+
+TINY = dict(vocab_size=101, n_positions=48, n_embd=32, n_layer=2, n_head=2, initializer_range=0.5,
+            attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)   # head_dim 16; no dropout: comparable gradients
+
+
+def pair(**config):
+    torch.manual_seed(0)
+    sdpa = GPT2LMHeadModel(GPT2Config(**{**TINY, **config}))
+    triton = GPT2LMHeadModel(GPT2Config(**{**TINY, **config}))
+    triton.load_state_dict(sdpa.state_dict())
+    sdpa.set_attn_implementation("sdpa")
+    triton.set_attn_implementation("triton")
+    return sdpa, triton
+
+
+FLAGS = {
+    "default": {},
+    "inverse-layer-idx": dict(scale_attn_by_inverse_layer_idx=True),
+    "unscaled": dict(scale_attn_weights=False, initializer_range=0.1),
+    "reorder-upcast": dict(reorder_and_upcast_attn=True),
+}
+
+
+@pytest.mark.parametrize("flags", sorted(FLAGS))
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+def test_logits_and_gradients_match_sdpa(flags, padded):
+    sdpa, triton = pair(**FLAGS[flags])
+    ids, mask = left_padded(101, B=3, T=11, pads=(0, 4, 9))
+    if not padded:
+        mask = None
+    labels = ids.clone()
+    if mask is not None:   # no loss where the predicting position is padding (its output is undefined)
+        labels[:, 1:] = labels[:, 1:].masked_fill(mask[:, :-1] == 0, -100)
+    outs = [m(ids, attention_mask=mask, labels=labels) for m in (sdpa, triton)]
+    keep = torch.ones(3, 11, 1, dtype=torch.bool) if mask is None else mask.bool()[..., None]  # padding: undefined
+    torch.testing.assert_close(outs[1].logits * keep, outs[0].logits * keep, atol=2e-5, rtol=1e-4)
+    for out in outs:
+        out.loss.backward()
+    for (name, p), q in zip(sdpa.named_parameters(), triton.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_reorder_and_upcast_equals_the_eager_upcast_path():
+    """transformers' reorder_and_upcast_attn = fp32 scores and softmax: the eager path does it by hand, the
+    kernels by construction. In fp16 both must stay close to an fp32 reference, and to each other."""
+    sdpa, triton = pair(reorder_and_upcast_attn=True)
+    eager = GPT2LMHeadModel(sdpa.config)
+    eager.load_state_dict(sdpa.state_dict())
+    eager.set_attn_implementation("eager")
+    ids = torch.randint(0, 101, (2, 13))
+    ref = sdpa(ids).logits
+    for m in (eager, triton):
+        torch.testing.assert_close(m(ids).logits, ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(num_beams=3)], ids=["greedy", "beam"])
+def test_generation_gives_the_same_tokens(kw):
+    sdpa, triton = pair()
+    ids, mask = left_padded(101, B=2, T=6, pads=(0, 3))
+    want = sdpa.generate(ids, attention_mask=mask, max_new_tokens=8, **kw)
+    got = triton.generate(ids, attention_mask=mask, max_new_tokens=8, **kw)
+    assert torch.equal(got, want)
+    want = sdpa.generate(ids[:1], max_new_tokens=8, **kw)
+    assert torch.equal(triton.generate(ids[:1], max_new_tokens=8, **kw), want)
+
+
+def test_output_attentions_work_on_the_triton_backend():
+    sdpa, triton = pair()
+    ids = torch.randint(0, 101, (1, 9))
+    a = sdpa(ids, output_attentions=True).attentions
+    b = triton(ids, output_attentions=True).attentions
+    for x, y in zip(a, b):
+        torch.testing.assert_close(y, x, atol=1e-6, rtol=1e-5)
