@@ -17,7 +17,7 @@ beams trade histories.
 
 Speed (BENCHMARKS.md): on CPU the linear layers multiply with oneDNN-packed weights while generating
 (packed.py; `pack_weights`), which is what makes decoding memory-bound at ~1.5x the weight-read floor;
-`compile=True` runs a fixed-shape step through torch.compile (`CompiledStep`; CUDA graphs on GPU).
+`compile=True` runs a fixed-shape step through torch.compile (`CompiledStep`).
 
 Semantics are transformers 5.x's (generation/utils.py, logits_process.py, stopping_criteria.py), pinned by
 parity tests: argument names, defaults and meanings (top_k=50 when sampling; max_length counts the prompt;
@@ -65,8 +65,8 @@ class GenerationConfig:
     # nanogpt2's own: multiply with oneDNN-packed weights on CPU (packed.py; ~2x faster decode, one more copy of
     # the weights while generating). None: on when the model is on CPU and PyTorch can pack; False: off.
     pack_weights: Optional[bool] = None
-    # nanogpt2's own: torch.compile the decode step (CompiledStep: fixed shapes; CUDA graphs on GPU). The first
-    # call per model, batch size and length compiles (about a minute on a small CPU); weights are not packed.
+    # nanogpt2's own: torch.compile the decode step (CompiledStep: fixed shapes). The first call per model, batch
+    # size and cache-length bucket compiles (tens of seconds on a small CPU); weights are not packed.
     compile: bool = False
 
     def __post_init__(self):
@@ -224,6 +224,9 @@ def decode_one_token(model, token: torch.Tensor, mask: Optional[torch.Tensor], c
 
     Goes through `model.decode_step`, not forward: the inputs are the loop's own, so forward's checks (and
     their host syncs) are skipped, and the position and mask are built here without any."""
+    if _needs_forward(model):   # torch module hooks on the model expect a forward call per token
+        out = model(token[:, None], attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].float()
     past = cache.length
     if mask is None:
         pos = torch.full((1, 1), past, dtype=torch.long, device=token.device)
@@ -234,16 +237,26 @@ def decode_one_token(model, token: torch.Tensor, mask: Optional[torch.Tensor], c
     return model.decode_step(token, pos, attn, cache).float()
 
 
+def _needs_forward(model) -> bool:
+    """Whether something expects model.forward to run for every token: torch forward (pre-)hooks registered on
+    the model or its transformer, or globally. Then the step takes forward's path (checks included)."""
+    import torch.nn.modules.module as mm
+    if mm._global_forward_hooks or mm._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in (model, getattr(model, "transformer", model)))
+
+
 class CompiledStep:
     """decode_one_token with fixed shapes, run through torch.compile (generate(compile=True)).
 
     Each step attends over the whole cache buffer with a mask (AttentionMask.static_decode) and writes its
     key/value at a position held in a tensor (cache.StaticSlot); the lengths live in int32 tensors updated in
-    place. So no shape, address or Python number changes from step to step: the step compiles once per batch
-    size and cache length, and on CUDA mode="reduce-overhead" replays it as a CUDA graph. On CPU the compile
-    freezes the weights (inductor's `freezing`: weights as constants, prepacked for oneDNN), so a model whose
-    weights change must not reuse the compiled step: `_compiled` is keyed by the parameters' versions.
-    The price of fixed shapes is reading the whole buffer (max_len positions) every step.
+    place. So no shape or Python number changes from step to step: one graph (no breaks), compiled once per
+    batch size and cache length; cache lengths are rounded up to multiples of COMPILE_BUCKET so that prompts of
+    different lengths share compilations. The weights are graph inputs, so a model whose weights change is
+    never run with stale ones. The price of fixed shapes is reading the whole buffer every step.
+    Not done: CUDA-graph capture (mode="reduce-overhead" would skip graphs whose inputs, the cache, are
+    mutated unless the cache has a static address and is reused across calls, as gpt-fast does).
     """
 
     def __init__(self, model, cache: KVCache, kv_start: Optional[torch.Tensor]):
@@ -270,24 +283,31 @@ def _static_step(model, tokens, seqlens, kv_start, slot):
     return model.decode_step(tokens, positions, mask, slot)
 
 
+_COMPILED = []
+
+
 def _compiled(model):
-    """The compiled step for this model and weights (recompiled if any parameter changed in place)."""
-    versions = tuple(p._version for p in model.parameters())
-    key = (str(model.device), model.dtype, versions)
-    cached = model.__dict__.get("_nanogpt2_compiled_step")
-    if cached is None or cached[0] != key:
-        if model.device.type == "cuda":
-            fn = torch.compile(_static_step, mode="reduce-overhead", dynamic=False)
-        else:
-            fn = torch.compile(_static_step, dynamic=False, options={"freezing": True})
-        cached = (key, fn)
-        model.__dict__["_nanogpt2_compiled_step"] = cached
-    return cached[1]
+    """The compiled step: one torch.compile wrapper for the process (dynamo keeps a graph per model, batch size
+    and cache length under it, guarded on each)."""
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(_static_step, dynamic=False))
+    return _COMPILED[0]
+
+
+COMPILE_BUCKET = 128   # compile=True: cache lengths are multiples of this (or n_positions), to reuse graphs
+
+
+def cache_length(model, needed: int, cfg: "GenerationConfig") -> int:
+    """Positions to preallocate: exactly what is needed, or with compile=True the next multiple of
+    COMPILE_BUCKET (capped at n_positions), so that nearby lengths run the same compiled graph."""
+    if not cfg.compile:
+        return needed
+    return min(model.config.n_positions, -(-needed // COMPILE_BUCKET) * COMPILE_BUCKET)
 
 
 def make_step(model, cache: KVCache, kv_start: Optional[torch.Tensor], cfg: "GenerationConfig"):
     """The per-token function the loops call: (token (N,), mask (N, cached + 1) or None) -> logits (N, V)."""
-    if cfg.compile:
+    if cfg.compile and not _needs_forward(model):   # module hooks want forward itself, every token
         return CompiledStep(model, cache, kv_start)
     return lambda token, mask: decode_one_token(model, token, mask, cache, kv_start)
 
@@ -353,7 +373,7 @@ def decode(model, prompt: Prompt, cfg: GenerationConfig,
     B, T = prompt.ids.shape
     N, max_new = B * n, prompt.max_new_tokens
     # the last new token is never fed back, so the cache needs T + max_new - 1 positions
-    cache = new_cache(model, B, T + max_new - 1)
+    cache = new_cache(model, B, cache_length(model, T + max_new - 1, cfg))
     logits = expand(prefill(model, prompt.ids, prompt.mask, cache), n)    # (N, V): the prompt runs once per row
     cache = repeat_rows(cache, n)
 
@@ -413,7 +433,7 @@ def beam_search(model, prompt: Prompt, cfg: GenerationConfig, generator: Optiona
     # in sampling mode, top-k/top-p must leave a non-eos continuation per beam (transformers' min_tokens_to_keep)
     keep = n_eos + 1 if n_eos else 2
 
-    cache = new_cache(model, B, max_length - 1)
+    cache = new_cache(model, B, cache_length(model, max_length - 1, cfg))
     logits = expand(prefill(model, prompt.ids, prompt.mask, cache), nb)   # (B * nb, V)
     cache = repeat_rows(cache, nb)
     mask = None
@@ -511,8 +531,8 @@ def _packing(model, cfg: GenerationConfig, rows: int):
         raise ValueError(f"pack_weights=True needs a CPU model and a PyTorch build with oneDNN (the model is on "
                          f"{model.device}; oneDNN packing available: {packed_available()}); use None or False")
     if cfg.compile and cfg.pack_weights:
-        raise ValueError("pack_weights=True and compile=True exclude each other: the compiled step packs the "
-                         "weights itself (inductor's freezing); pass one of them")
+        raise ValueError("pack_weights=True and compile=True exclude each other (packed weights are opaque to "
+                         "torch.compile); pass one of them")
     use = cfg.pack_weights is not False and not cfg.compile and on_cpu
     return packed_linears(model, rows) if use else nullcontext()
 
@@ -539,7 +559,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     kwargs are GenerationConfig's fields (transformers' names and meanings): max_new_tokens, max_length,
     min_new_tokens, do_sample, temperature, top_k, top_p, min_p, repetition_penalty, no_repeat_ngram_size,
     num_beams, length_penalty, early_stopping, num_return_sequences, eos_token_id, pad_token_id; and
-    nanogpt2's pack_weights (None: oneDNN-packed weights on CPU, packed.py). `attention_mask` (B, T): 0 marks left padding. `generator` (a torch.Generator on the model's device)
+    nanogpt2's pack_weights (None: oneDNN-packed weights on CPU, packed.py) and compile (torch.compile a
+    fixed-shape decode step, CompiledStep). `attention_mask` (B, T): 0 marks left padding. `generator` (a torch.Generator on the model's device)
     makes sampling reproducible without touching the global RNG (which it uses otherwise, as transformers
     does). `streamer(tokens)` is called with each step's new tokens (N,) (greedy and sampling only; a
     transformers streamer with put()/end() works too). Output rows are b * num_return_sequences + i.
@@ -574,9 +595,11 @@ def stream(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor
         raise ValueError(f"stream() needs num_beams=1 (got {cfg.num_beams}): beam search decides its tokens "
                          "only at the end; use generate()")
 
+    packing = _packing(model, cfg, prompt.ids.shape[0] * cfg.num_return_sequences)   # checked now; packs later
+
     @torch.no_grad()   # on a generator function, torch enters no_grad around each step only, not in between
     def tokens():   # packed until exhausted or closed (a dropped iterator is closed when collected)
-        with _packing(model, cfg, prompt.ids.shape[0] * cfg.num_return_sequences):
+        with packing:
             yield from decode(model, prompt, cfg, generator)
 
     return tokens()

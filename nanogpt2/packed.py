@@ -11,9 +11,9 @@ when it freezes weights (torch/_inductor/fx_passes/mkldnn_fusion.py: `mkldnn._re
         model.generate(...)          # generate() does this itself (pack_weights=None: on for CPU)
 
 The packed copies cost one more copy of the linear weights (lm_head included: it is tied to wte) for as long
-as the block lasts, and about 0.3 s per GB to make. Inside the block a layer falls back to F.linear whenever
-packing would be wrong: autograd is recording for its weight or input, or the weight was modified in place
-since it was packed. Numerics: fp32 (or bf16) products with a different summation order, so results agree with
+as the block lasts, and about 0.3 s per GB to make. Small layers are left alone (MIN_PACK_NUMEL). Inside the
+block a layer falls back to F.linear whenever packing would be wrong: autograd is recording for its weight or
+input, or the weight is no longer what was packed (changed in place, through .data, by .to(), or replaced). Numerics: fp32 (or bf16) products with a different summation order, so results agree with
 F.linear to rounding (~1e-6 relative), not bit for bit.
 """
 from __future__ import annotations
@@ -37,36 +37,54 @@ def _is_packed(m: nn.Module) -> bool:
     return getattr(m.forward, "_nanogpt2_packed", False)
 
 
-def _packed_forward(module: nn.Linear, packed: torch.Tensor, version: int):
+def _packed_forward(module: nn.Linear, packed: torch.Tensor):
     weight, bias = module.weight, module.bias
+    packed_from = (weight._version, weight.data_ptr(), weight.dtype, weight.device)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)) or weight._version != version \
-                or x.dtype != weight.dtype:
-            return F.linear(x, weight, bias)   # autograd, a modified weight, or autocast: the plain path
+        w = module.weight
+        if (w is not weight or module.bias is not bias   # a new Parameter (load_state_dict(assign=True), ...)
+                or (w._version, w.data_ptr(), w.dtype, w.device) != packed_from   # changed in place, .data, .to()
+                or x.dtype != w.dtype                                            # autocast, mixed inputs
+                or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):   # autograd needs F.linear
+            return F.linear(x, w, module.bias)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
 
     forward._nanogpt2_packed = True
     return forward
 
 
+# A packed call costs ~30 us more to set up than F.linear (measured on the benchmark machine): it pays off once
+# the weight no longer fits the caches and streams from memory. GPT-2 small's smallest matrix (768 x 768) is
+# just above this; the bundled 64-wide model's are far below (packing them made generation ~1.4x slower).
+MIN_PACK_NUMEL = 1 << 19
+
+
+def _packable(m: nn.Linear) -> bool:
+    w = m.weight
+    if w.device.type != "cpu" or w.dtype not in PACKABLE_DTYPES or w.numel() < MIN_PACK_NUMEL:
+        return False
+    if m.bias is not None and m.bias.dtype != w.dtype:
+        return False
+    return w.dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()   # bf16 needs CPU support
+
+
 def pack(model: nn.Module, batch_size: Optional[int] = None) -> list[nn.Linear]:
-    """Swap the forward of every packable nn.Linear in `model` (CPU, fp32/bf16, not packed yet) for a packed one;
-    returns the layers swapped, for `unpack`. `batch_size`: the rows per call to tune the layout for."""
+    """Swap the forward of every packable nn.Linear in `model` (CPU, fp32 or bf16 where the CPU has it, at
+    least MIN_PACK_NUMEL weights, not packed yet) for a packed one; returns the layers swapped, for `unpack`.
+    `batch_size`: the rows per call to tune the layout for."""
     swapped = []
     if not available():
         return swapped
     for m in model.modules():
-        if type(m) is not nn.Linear or _is_packed(m):
+        if type(m) is not nn.Linear or _is_packed(m) or not _packable(m):
             continue
         w = m.weight
-        if w.device.type != "cpu" or w.dtype not in PACKABLE_DTYPES or (m.bias is not None and m.bias.dtype != w.dtype):
-            continue
         try:
             packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), batch_size)
         except RuntimeError:   # a build whose oneDNN cannot pack this dtype: leave the layer alone
             continue
-        m.forward = _packed_forward(m, packed, w._version)
+        m.forward = _packed_forward(m, packed)
         swapped.append(m)
     return swapped
 

@@ -79,3 +79,16 @@ def test_really_compiled_step_matches(models, batch):
         with torch.no_grad():
             ours.transformer.h[0].mlp.c_fc.weight.div_(1.5)
             hf.transformer.h[0].mlp.c_fc.weight.div_(1.5)
+
+
+def test_stream_checks_its_options_before_the_first_token(models):
+    with pytest.raises(ValueError, match="pack_weights=True and compile=True"):
+        generation.stream(models[1], torch.tensor([[3, 4]]), max_new_tokens=2, compile=True, pack_weights=True)
+
+
+def test_cache_lengths_are_bucketed_only_when_compiling(models):
+    ours = models[1]   # n_positions 64
+    assert generation.cache_length(ours, 10, generation.GenerationConfig()) == 10
+    on = generation.GenerationConfig(compile=True)
+    assert generation.cache_length(ours, 10, on) == min(64, generation.COMPILE_BUCKET)
+    assert generation.cache_length(ours, 64, on) == 64

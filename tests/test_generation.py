@@ -274,3 +274,23 @@ def test_model_generate_method_delegates(models, batch):
     ours = models[1]
     assert torch.equal(ours.generate(ids, attention_mask=mask, max_new_tokens=4),
                        generate(ours, ids, mask, max_new_tokens=4))
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_module_forward_hooks_fire_for_every_token(models, compile, monkeypatch):
+    """generate() normally bypasses forward per token (model.decode_step); torch hooks on the model must still
+    see one forward per token, as with transformers."""
+    from nanogpt2 import generation
+    monkeypatch.setattr(generation, "_compiled", lambda model: generation._static_step)   # no real compile
+    ours = models[1]
+    calls = []
+    handles = [ours.register_forward_hook(lambda m, a, kw, out: calls.append(kw.get("past_key_values")),
+                                          with_kwargs=True),
+               ours.transformer.register_forward_pre_hook(lambda m, a: calls.append("pre"))]
+    try:
+        out = generate(ours, torch.tensor([[5, 6, 7]]), max_new_tokens=5, compile=compile)
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(calls) == 2 * 5   # prefill + 4 decode steps (the last token is never fed back), two hooks each
+    assert torch.equal(out, generate(ours, torch.tensor([[5, 6, 7]]), max_new_tokens=5))

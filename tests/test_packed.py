@@ -2,12 +2,18 @@
 import pytest
 import torch
 
-from nanogpt2 import GPT2Config, GPT2LMHeadModel
+from nanogpt2 import GPT2Config, GPT2LMHeadModel, packed
 from nanogpt2.packed import available, pack, packed_linears, unpack
 
 pytestmark = pytest.mark.skipif(not available(), reason="this PyTorch build cannot pack weights for oneDNN")
 
 TINY = dict(vocab_size=101, n_positions=64, n_embd=32, n_layer=2, n_head=4, initializer_range=0.7)
+
+
+@pytest.fixture(autouse=True)
+def pack_small_layers(monkeypatch):
+    """The tiny test model's layers are below the size where packing pays off; pack them anyway."""
+    monkeypatch.setattr(packed, "MIN_PACK_NUMEL", 0)
 
 
 @pytest.fixture
@@ -90,3 +96,30 @@ def test_generate_packs_and_gives_the_same_tokens(model):
 def test_pack_weights_must_be_a_bool_or_none(model):
     with pytest.raises(ValueError, match="pack_weights='yes'"):
         model.generate(torch.tensor([[1, 2]]), max_new_tokens=2, pack_weights="yes")
+
+
+def test_small_layers_are_left_alone_by_default(model, monkeypatch):
+    monkeypatch.setattr(packed, "MIN_PACK_NUMEL", 1 << 19)
+    with packed_linears(model) as layers:
+        assert layers == []
+    big = GPT2LMHeadModel(GPT2Config(vocab_size=2048, n_positions=16, n_embd=256, n_layer=1, n_head=4))
+    with packed_linears(big) as layers:
+        assert [m.weight.shape for m in layers] == [torch.Size([2048, 256])]   # only lm_head has 2**19 weights
+
+
+@pytest.mark.parametrize("change", ["data", "assign", "to-bf16"])
+def test_weights_replaced_after_packing_are_not_ignored(model, change):
+    """Packed copies must never outlive the weights they were made from, however those are replaced."""
+    ids = torch.randint(0, 101, (1, 5))
+    layer = model.transformer.h[1].mlp.c_proj
+    with torch.no_grad(), packed_linears(model):
+        if change == "data":
+            layer.weight.data = layer.weight.data * 3
+        elif change == "assign":
+            layer.weight = torch.nn.Parameter(layer.weight.detach() * 3)
+        else:
+            model.to(torch.bfloat16)
+        got = model(ids).logits
+    with torch.no_grad():
+        expected = model(ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
