@@ -7,24 +7,11 @@ buffer) is checked eagerly against transformers for every generation case; one t
 import pytest
 import torch
 
-from helpers_generation import hf_generate, left_padded, peaky_pair
+from helpers_generation import hf_generate
 from nanogpt2 import generation
 from nanogpt2.attention import AttentionMask
 
-from test_generation import CASES, NEW, resolve
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return peaky_pair(tmp_path_factory.mktemp("peaky"))
-
-
-@pytest.fixture(scope="module")
-def batch(models):
-    ids, mask = left_padded(models[1].config.vocab_size)
-    new = generation.generate(models[1], ids, mask, max_new_tokens=NEW)[:, ids.shape[1]:]
-    counts = torch.bincount(new.flatten(), minlength=models[1].config.vocab_size)
-    return ids, mask, counts.argsort(descending=True)[:8].tolist()
+from test_generation import CASES, NEW, batch, models, resolve  # noqa: F401  (fixtures)
 
 
 @pytest.fixture

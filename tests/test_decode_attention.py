@@ -5,45 +5,17 @@ process; see test_flash_attention.py). GPU-only cases (bf16, CUDA-graph replay) 
 """
 
 import math
-import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 
 import pytest
 import torch
 
+from helpers_kernels import kernel_process  # noqa: F401  (the fixture)
 from nanogpt2.kernels import decode_attention, flash_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 TOLERANCES = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}  # atol = rtol
-
-
-class _KernelProcess:
-    def __init__(self):
-        self._pool = None
-
-    def run(self, case, *args):
-        if self._pool is None:  # "spawn": a fresh interpreter, not a fork of pytest's state
-            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-        try:
-            return self._pool.submit(case, *args).result()  # the child's exception re-raises here
-        except BrokenProcessPool:
-            self._pool = None
-            pytest.fail(f"the kernel process died in {case.__name__}{args} "
-                        "(under TRITON_INTERPRET an out-of-bounds access kills the process)")
-
-    def close(self):
-        if self._pool is not None:
-            self._pool.shutdown()
-
-
-@pytest.fixture(scope="module")
-def kernel_process():
-    proc = _KernelProcess()
-    yield proc
-    proc.close()
 
 
 def reference_decode(q, k_cache, v_cache, cache_seqlens, kv_start=None, sm_scale=None):

@@ -2,19 +2,17 @@
 
 On CPU the kernels run under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
 There an out-of-bounds access kills the whole process, so each kernel case runs in a worker
-process (see `kernel_process`): a crash fails that one test, not the session. bf16 needs a GPU
+process (helpers_kernels.py): a crash fails that one test, not the session. bf16 needs a GPU
 (the interpreter's tl.dot on bf16 is wrong) and skips elsewhere.
 """
 
 import math
-import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 
 import pytest
 import torch
 
+from helpers_kernels import kernel_process  # noqa: F401  (the fixture)
 from nanogpt2.kernels import attention_probs_from_lse, flash_attention, flash_attention_with_lse
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -25,37 +23,6 @@ TOLERANCES = {
     torch.float16: (2e-3, 1e-2),
     torch.bfloat16: (2e-2, 5e-2),
 }
-
-
-# ---------------------------------------------------------------------------------------------
-# Worker process: one per test module, restarted if a case kills it.
-# ---------------------------------------------------------------------------------------------
-
-
-class _KernelProcess:
-    def __init__(self):
-        self._pool = None
-
-    def run(self, case, *args):
-        if self._pool is None:  # "spawn": a fresh interpreter, not a fork of pytest's state
-            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-        try:
-            return self._pool.submit(case, *args).result()  # the child's exception re-raises here
-        except BrokenProcessPool:
-            self._pool = None
-            pytest.fail(f"the kernel process died in {case.__name__}{args} "
-                        "(under TRITON_INTERPRET an out-of-bounds access kills the process)")
-
-    def close(self):
-        if self._pool is not None:
-            self._pool.shutdown()
-
-
-@pytest.fixture(scope="module")
-def kernel_process():
-    proc = _KernelProcess()
-    yield proc
-    proc.close()
 
 
 # ---------------------------------------------------------------------------------------------
