@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from . import logits_process as lp
 from .attention import AttentionMask
 from .cache import KVCache, StaticSlot
+from .model import positions_from_mask
 from .packed import available as packed_available, packed_linears
 
 # transformers' placeholder for "impossible" in beam search: a finite number, so sums of scores stay ordered
@@ -212,7 +213,8 @@ def _as_list(token_ids) -> list:
 # ---- the phases ---------------------------------------------------------------------------------------------
 
 def prefill(model, ids: torch.Tensor, mask: Optional[torch.Tensor], cache: KVCache) -> torch.Tensor:
-    """Run the prompt (B, T) through the model, filling the cache; return the last position's logits (B, V) fp32."""
+    """Run the prompt (B, T) through the model's forward, filling the cache; return the last position's logits
+    (B, V) fp32."""
     out = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
     return out.logits[:, -1].float()
 
@@ -225,15 +227,11 @@ def decode_one_token(model, token: torch.Tensor, mask: Optional[torch.Tensor], c
     Goes through `model.decode_step`, not forward: the inputs are the loop's own, so forward's checks (and
     their host syncs) are skipped, and the position and mask are built here without any."""
     if _needs_forward(model):   # torch module hooks on the model expect a forward call per token
-        out = model(token[:, None], attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1].float()
+        return prefill(model, token[:, None], mask, cache)   # forward's path, as for the prompt
     past = cache.length
-    if mask is None:
-        pos = torch.full((1, 1), past, dtype=torch.long, device=token.device)
-        attn = AttentionMask(past, 1)
-    else:   # a row's position counts its real tokens (positions_from_mask in model.py)
-        pos = mask.sum(-1, keepdim=True) - 1
-        attn = AttentionMask(past, 1, mask.bool(), _kv_start=kv_start, _left_padded=kv_start is not None)
+    pos = positions_from_mask(mask, past, 1, token.device)   # (N or 1, 1), the rule forward uses
+    attn = AttentionMask(past, 1) if mask is None else \
+        AttentionMask(past, 1, mask.bool(), _kv_start=kv_start, _left_padded=kv_start is not None)
     return model.decode_step(token, pos, attn, cache).float()
 
 
