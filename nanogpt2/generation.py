@@ -27,6 +27,8 @@ Left-padded batches: positions come from the attention mask, and every row gener
 """
 from __future__ import annotations
 
+import types
+import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from typing import Iterator, Optional, Union
@@ -67,7 +69,8 @@ class GenerationConfig:
     # the weights while generating). None: on when the model is on CPU and PyTorch can pack; False: off.
     pack_weights: Optional[bool] = None
     # nanogpt2's own: torch.compile the decode step (CompiledStep: fixed shapes). The first call per model, batch
-    # size and cache-length bucket compiles (tens of seconds on a small CPU); weights are not packed.
+    # size and cache-length bucket compiles: on CPU inductor freezes and autotunes the weights' matmuls
+    # (CPU_COMPILE_OPTIONS; 20-60 s for 124M on 2 cores), then B=1 steps run ~1.3x faster than pack_weights'.
     compile: bool = False
 
     def __post_init__(self):
@@ -251,8 +254,9 @@ class CompiledStep:
     key/value at a position held in a tensor (cache.StaticSlot); the lengths live in int32 tensors updated in
     place. So no shape or Python number changes from step to step: one graph (no breaks), compiled once per
     batch size and cache length; cache lengths are rounded up to multiples of COMPILE_BUCKET so that prompts of
-    different lengths share compilations. The weights are graph inputs, so a model whose weights change is
-    never run with stale ones. The price of fixed shapes is reading the whole buffer every step.
+    different lengths share compilations. On CPU the weights are frozen into the graph (CPU_COMPILE_OPTIONS);
+    _compiled recompiles when they change, so a step never runs stale ones. The price of fixed shapes is
+    reading the whole buffer every step.
     Not done: CUDA-graph capture (mode="reduce-overhead" would skip graphs whose inputs, the cache, are
     mutated unless the cache has a static address and is reused across calls, as gpt-fast does).
     """
@@ -281,15 +285,44 @@ def _static_step(model, tokens, seqlens, kv_start, slot):
     return model.decode_step(tokens, positions, mask, slot)
 
 
-_COMPILED = []
+# compile=True on CPU: inductor freezes the weights into the graph (constants, so it can prepack them) and
+# max-autotune lets it pick its own C++ micro-GEMM (CppMicroGemmFP32Vec) over MKL/oneDNN where that is faster:
+# for a decode step's GEMVs it streams the weights at ~26 GB/s, oneDNN's packed path at ~18-23 and MKL's sgemm
+# at ~12 on this 2-core machine (BENCHMARKS.md). Without freezing, weights are graph inputs and inductor can
+# only call MKL on them. The price: the first compile autotunes each matmul shape (about a minute for 124M).
+CPU_COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                       "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}  # quiet
+
+_COMPILED = weakref.WeakKeyDictionary()   # model -> (compiled step, weights fingerprint)
+
+
+def _weights_fingerprint(model) -> tuple:
+    """What a frozen graph depends on: each parameter's storage, in-place version, dtype and shape."""
+    return tuple((p.data_ptr(), p._version, p.dtype, p.shape) for p in model.parameters())
 
 
 def _compiled(model):
-    """The compiled step: one torch.compile wrapper for the process (dynamo keeps a graph per model, batch size
-    and cache length under it, guarded on each)."""
-    if not _COMPILED:
-        _COMPILED.append(torch.compile(_static_step, dynamic=False))
-    return _COMPILED[0]
+    """The compiled step for this model, compiled anew when its weights changed since.
+
+    Frozen weights are constants of the graph, and dynamo caches graphs per code object behind guards that do
+    not look at tensor values: a second model of the same shape, or the same model after an optimizer step,
+    would pass them and run the old weights. So each model gets its own copy of _static_step's code object
+    (its own dynamo cache, recompile limit included), replaced whenever the fingerprint changes."""
+    fingerprint = _weights_fingerprint(model)
+    entry = _COMPILED.get(model)
+    if entry is None or entry[1] != fingerprint:
+        fn = types.FunctionType(_static_step.__code__.replace(), _static_step.__globals__, "_static_step")
+        entry = _COMPILED[model] = (torch.compile(fn, dynamic=False), fingerprint)
+    compiled = entry[0]
+    if model.device.type != "cpu":
+        return compiled
+
+    from torch._inductor import config as inductor_config   # imported here: importing inductor takes seconds
+
+    def on_cpu(*args):   # the options apply to compiles this call may trigger (a new batch size or bucket)
+        with inductor_config.patch(CPU_COMPILE_OPTIONS):
+            return compiled(*args)
+    return on_cpu
 
 
 COMPILE_BUCKET = 128   # compile=True: cache lengths are multiples of this (or n_positions), to reuse graphs

@@ -4,6 +4,8 @@ The fixed-shape logic (StaticSlot writes at a tensor position, AttentionMask.sta
 buffer) is checked eagerly against transformers for every generation case; one test then really compiles it
 (inductor, freezing) on a tiny model, which takes tens of seconds on 2 cores.
 """
+import copy
+
 import pytest
 import torch
 
@@ -66,6 +68,21 @@ def test_really_compiled_step_matches(models, batch):
         with torch.no_grad():
             ours.transformer.h[0].mlp.c_fc.weight.div_(1.5)
             hf.transformer.h[0].mlp.c_fc.weight.div_(1.5)
+
+
+def test_compiled_steps_never_share_frozen_weights_between_models(models, batch):
+    """Two models of one shape: dynamo's guards would let the second reuse the first's graph, whose weights are
+    frozen constants on CPU; each model must run its own."""
+    ours = models[1]
+    other = copy.deepcopy(ours)
+    with torch.no_grad():
+        other.transformer.wte.weight.add_(torch.randn_like(other.transformer.wte.weight))
+    ids = batch[0][:1]
+    want_ours = ours.generate(ids, max_new_tokens=NEW)
+    want_other = other.generate(ids, max_new_tokens=NEW)
+    assert not torch.equal(want_ours, want_other)   # else the test could not tell the models apart
+    assert torch.equal(ours.generate(ids, max_new_tokens=NEW, compile=True), want_ours)
+    assert torch.equal(other.generate(ids, max_new_tokens=NEW, compile=True), want_other)
 
 
 def test_stream_checks_its_options_before_the_first_token(models):
