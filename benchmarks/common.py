@@ -142,6 +142,43 @@ def model_pair(args, attn_implementation="sdpa", hf_attn="sdpa", initializer_ran
     return ours, theirs
 
 
+# Low-precision greedy check: a token may trail float32's best logit by this fraction of the row's spread
+# (best - mean). bfloat16 124M, 128 tokens: transformers' own tokens trail by up to 0.04-0.08 (12-17% of them are
+# not float32's argmax), nanogpt2's by 0.06; a real bug (wrong position, mask, cache) trails by whole spreads.
+NEAR_TIE = 0.15
+
+
+def check_greedy(name: str, out: torch.Tensor, ref: torch.Tensor, prompt_len: int, judge=None) -> None:
+    """Refuse (SystemExit) to time `name` unless its greedy tokens `out` (rows: prompt, then new tokens) are right.
+
+    Without `judge` (float32): identical to `ref`, nanogpt2's (which is itself checked against transformers). With `judge`, a float32 transformers model of the
+    same weights (for bfloat16/float16 runs, where rounding legitimately flips near-ties and the sequences then
+    part): every new token must be a greedy choice of the judge run over `out` itself (teacher forcing), i.e.
+    its logit within NEAR_TIE x (best - mean logit) of the best."""
+    out, ref = out.cpu(), ref.cpu()
+    if judge is None:
+        if not torch.equal(out, ref):
+            raise SystemExit(f"{name} produced different tokens from nanogpt2 ({out.shape[0]} rows): refusing to "
+                             "time a wrong result")
+        return
+    dev = next(judge.parameters()).device
+    with torch.inference_mode():
+        logits = judge(out.to(dev)).logits[:, prompt_len - 1:-1].float().cpu()   # (B, new, V): predicts each new token
+    chosen = logits.gather(-1, out[:, prompt_len:, None])[..., 0]
+    best, mean = logits.max(-1).values, logits.mean(-1)
+    worst = ((best - chosen) / (best - mean)).max().item()
+    if worst > NEAR_TIE:
+        raise SystemExit(f"{name} chose a token {worst:.3f} of the logit spread below float32's best (allowed "
+                         f"{NEAR_TIE}): refusing to time a wrong result")
+
+
+def float32_judge(args, **kw):
+    """For low-precision runs: the transformers model of the same weights in float32 (check_greedy's judge)."""
+    if args.dtype == "float32":
+        return None
+    return model_pair(argparse.Namespace(**{**vars(args), "dtype": "float32"}), **kw)[1]
+
+
 def read_bandwidth(nbytes: int, device: str, repeats: int = 5) -> float:
     """Bytes/s at which this machine streams `nbytes` from memory: the best of `repeats` sums over a buffer that
     size (at least 256 MiB, so it cannot sit in a CPU cache). A decode step's floor is weight bytes / this."""

@@ -34,3 +34,37 @@ def test_quick_mode_runs(script, tmp_path):
     if script != "load_memory.py":
         rows = csv.read_text().strip().splitlines()
         assert len(rows) >= 2, f"{script} wrote no CSV rows"
+
+
+def test_decode_bfloat16_quick_runs_its_near_tie_check():
+    """bfloat16 decoding checks tokens against a float32 judge (rounding parts the sequences); it must pass."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, os.path.join("benchmarks", "decode.py"), "--quick", "--dtype", "bfloat16"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"decode.py --dtype bfloat16 failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    assert "bfloat16" in r.stdout and "refusing" not in r.stdout
+
+
+def test_check_greedy_refuses_a_token_that_is_not_greedy():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import common
+    finally:
+        sys.path.pop(0)
+    import torch
+    import transformers
+    torch.manual_seed(0)
+    judge = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32,
+                                                                 n_layer=2, n_head=2, initializer_range=0.1)).eval()
+    ids = torch.randint(0, 64, (2, 5))
+    out = judge.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=6,
+                         min_new_tokens=6, pad_token_id=0)
+    common.check_greedy("greedy", out, out, 5, judge)           # the judge's own greedy tokens pass
+    common.check_greedy("greedy", out, out.clone(), 5)          # float32: equal tokens pass
+    bad = out.clone()
+    with torch.no_grad():
+        bad[1, 8] = judge(bad[:, :8]).logits[1, -1].argmin()    # the least likely token at one step
+    with pytest.raises(SystemExit, match="refusing"):
+        common.check_greedy("bad", bad, out, 5, judge)
+    with pytest.raises(SystemExit, match="refusing"):
+        common.check_greedy("bad", bad, out, 5)
