@@ -97,7 +97,9 @@ class AttentionMask:
         key_padding = None
         if attention_mask is not None:
             key_padding = attention_mask.bool()
-            if bool(key_padding.all()):  # nothing is padding: keep the fast is_causal paths
+            # nothing is padding: keep the fast is_causal paths (a data-dependent test: skipped when compiling,
+            # where it would break the graph; the dense mask it leaves gives the same result)
+            if not torch.compiler.is_compiling() and bool(key_padding.all()):
                 key_padding = None
         return cls(past_len, q_len, key_padding)
 
@@ -156,8 +158,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Attention
         return _eager(q, k, v, mask, scale, dropout_p, upcast)
     # sdpa, and triton's fall-backs (attention dropout in training; non-left padding)
     dense = mask.dense(q.device)
+    # No dense mask: square causal (nothing cached; also right for one query) or one query seeing every key.
+    # Decided on past_len, a Python int: q_len may be symbolic under torch.compile, and sdpa wants a bool.
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=dense, dropout_p=dropout_p,
-                                         is_causal=dense is None and mask.q_len > 1, scale=scale)
+                                         is_causal=dense is None and mask.past_len == 0, scale=scale)
     return out, None
 
 
