@@ -52,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], metavar="STRING",
                    help="stop before this text (not printed); repeat the flag for several")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="weights' dtype (default: %(default)s)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step: faster per token, after a compile of up to a minute "
+                        "(worth it for long outputs; generate(compile=True))")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
 
 
@@ -110,7 +113,7 @@ def run(args: argparse.Namespace, out=None) -> int:
     kwargs = {name: getattr(args, name) for name in SAMPLING_FLAGS + ("repetition_penalty", "num_beams",
                                                                      "num_return_sequences")
               if getattr(args, name) is not None}
-    kwargs.update(max_new_tokens=args.max_new_tokens,
+    kwargs.update(max_new_tokens=args.max_new_tokens, compile=args.compile,
                   do_sample=args.do_sample or any(getattr(args, f) is not None for f in SAMPLING_FLAGS))
     generator = None if args.seed is None else torch.Generator(device=device).manual_seed(args.seed)
     input_ids = torch.tensor([ids], device=device)

@@ -84,6 +84,20 @@ def test_text_is_flushed_as_tokens_arrive(checkpoint, expected):
     assert len(set(partial)) >= 3   # the text grew over several flushes before the end
 
 
+def test_compile_flag_runs_the_compiled_step(checkpoint, expected, monkeypatch):
+    from nanogpt2 import generation
+    steps = []
+
+    def eager_static_step(model):   # CompiledStep's own function, run eagerly (a real compile: test_compiled_decode)
+        steps.append(model)
+        return generation._static_step
+
+    monkeypatch.setattr(generation, "_compiled", eager_static_step)
+    out = io.StringIO()
+    assert run(parse("--model", checkpoint, "--prompt", PROMPT, "--max-new-tokens", str(N), "--compile"), out) == 0
+    assert steps and out.getvalue() == PROMPT + expected + "\n"
+
+
 def test_seeded_sampling_is_reproducible(checkpoint):
     texts = []
     for seed in (1, 1, 2):
