@@ -16,8 +16,8 @@ beams in the batch dimension (row = b * num_beams + beam) and reorders the cache
 beams trade histories.
 
 Speed (BENCHMARKS.md): on CPU the linear layers multiply with oneDNN-packed weights while generating
-(packed.py; `pack_weights`), which is what makes decoding memory-bound at ~1.5x the weight-read floor;
-`compile=True` runs a fixed-shape step through torch.compile (`CompiledStep`).
+(packed.py; `pack_weights`), which is what makes decoding memory-bound at ~1.7x the weight-read floor;
+`compile=True` runs a fixed-shape step through torch.compile (`CompiledStep`), at ~1.0-1.2x the floor on CPU.
 
 Semantics are transformers 5.x's (generation/utils.py, logits_process.py, stopping_criteria.py), pinned by
 parity tests: argument names, defaults and meanings (top_k=50 when sampling; max_length counts the prompt;
@@ -287,8 +287,8 @@ def _static_step(model, tokens, seqlens, kv_start, slot):
 
 # compile=True on CPU: inductor freezes the weights into the graph (constants, so it can prepack them) and
 # max-autotune lets it pick its own C++ micro-GEMM (CppMicroGemmFP32Vec) over MKL/oneDNN where that is faster:
-# for a decode step's GEMVs it streams the weights at ~26 GB/s, oneDNN's packed path at ~18-23 and MKL's sgemm
-# at ~12 on this 2-core machine (BENCHMARKS.md). Without freezing, weights are graph inputs and inductor can
+# for a decode step's GEMVs it streams the weights at 26-33 GB/s, oneDNN's packed path at 18-24 and MKL's sgemm
+# at ~12 on the 2-core machine of BENCHMARKS.md (whose read bandwidth is ~33 GB/s). Without freezing, weights are graph inputs and inductor can
 # only call MKL on them. The price: the first compile autotunes each matmul shape (about a minute for 124M).
 CPU_COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
                        "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}  # quiet
