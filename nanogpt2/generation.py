@@ -28,6 +28,7 @@ Left-padded batches: positions come from the attention mask, and every row gener
 from __future__ import annotations
 
 import types
+import warnings
 import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
@@ -70,7 +71,8 @@ class GenerationConfig:
     pack_weights: Optional[bool] = None
     # nanogpt2's own: torch.compile the decode step (CompiledStep: fixed shapes). The first call per model, batch
     # size and cache-length bucket compiles: on CPU inductor freezes and autotunes the weights' matmuls
-    # (CPU_COMPILE_OPTIONS; 20-60 s for 124M on 2 cores), then B=1 steps run ~1.3x faster than pack_weights'.
+    # (CPU_COMPILE_OPTIONS; 20-60 s for 124M on 2 cores), then B=1 steps run ~1.4-1.7x faster than
+    # pack_weights' (BENCHMARKS.md). For batches, and for weights that keep changing, keep the default.
     compile: bool = False
 
     def __post_init__(self):
@@ -254,9 +256,8 @@ class CompiledStep:
     key/value at a position held in a tensor (cache.StaticSlot); the lengths live in int32 tensors updated in
     place. So no shape or Python number changes from step to step: one graph (no breaks), compiled once per
     batch size and cache length; cache lengths are rounded up to multiples of COMPILE_BUCKET so that prompts of
-    different lengths share compilations. On CPU the weights are frozen into the graph (CPU_COMPILE_OPTIONS);
-    _compiled recompiles when they change, so a step never runs stale ones. The price of fixed shapes is
-    reading the whole buffer every step.
+    different lengths share compilations (per model on CPU, where the weights are frozen into the graph:
+    CPU_COMPILE_OPTIONS, _compiled). The price of fixed shapes is reading the whole buffer every step.
     Not done: CUDA-graph capture (mode="reduce-overhead" would skip graphs whose inputs, the cache, are
     mutated unless the cache has a static address and is reused across calls, as gpt-fast does).
     """
@@ -288,39 +289,78 @@ def _static_step(model, tokens, seqlens, kv_start, slot):
 # compile=True on CPU: inductor freezes the weights into the graph (constants, so it can prepack them) and
 # max-autotune lets it pick its own C++ micro-GEMM (CppMicroGemmFP32Vec) over MKL/oneDNN where that is faster:
 # for a decode step's GEMVs it streams the weights at 26-33 GB/s, oneDNN's packed path at 18-24 and MKL's sgemm
-# at ~12 on the 2-core machine of BENCHMARKS.md (whose read bandwidth is ~33 GB/s). Without freezing, weights are graph inputs and inductor can
-# only call MKL on them. The price: the first compile autotunes each matmul shape (about a minute for 124M).
+# at ~12 on the 2-core machine of BENCHMARKS.md (whose read bandwidth is ~33 GB/s). Without freezing, weights
+# are graph inputs and inductor can only call MKL on them. The price: the first compile autotunes each matmul
+# shape (20-60 s for 124M), and the frozen graph (a packed copy of the weights, and the model it was made
+# from) stays alive as long as the process: dynamo keeps compiled code and its guards reachable, and no public
+# API releases them. So a model is frozen at most once (see _compiled).
 CPU_COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
                        "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}  # quiet
 
-_COMPILED = weakref.WeakKeyDictionary()   # model -> (compiled step, weights fingerprint)
+_FROZEN = weakref.WeakKeyDictionary()   # CPU model -> (its frozen compiled step, the weights it froze)
+_THAWED = weakref.WeakSet()             # CPU models whose weights changed after freezing
+_SHARED = []                            # the compiled step with weights as graph inputs, for every model
 
 
-def _weights_fingerprint(model) -> tuple:
-    """What a frozen graph depends on: each parameter's storage, in-place version, dtype and shape."""
-    return tuple((p.data_ptr(), p._version, p.dtype, p.shape) for p in model.parameters())
+def _weights_state(model) -> tuple:
+    """What a frozen graph depends on: each parameter's storage, in-place version, dtype and shape, and the
+    sum of its values (float64) for the edits no version counter sees (`p.data.mul_()`, inference tensors).
+    One pass over the weights per generate() call: about one decode step's worth of memory traffic."""
+    meta = tuple((p.data_ptr(), None if p.is_inference() else p._version, p.dtype, p.shape)
+                 for p in model.parameters())
+    sums = torch.stack([p.detach().sum(dtype=torch.float64) for p in model.parameters()])
+    return meta, sums
+
+
+def _same_state(a: tuple, b: tuple) -> bool:
+    return a[0] == b[0] and torch.equal(a[1], b[1])
+
+
+def _shared_step():
+    """One torch.compile of _static_step for every model: weights are graph inputs (dynamo keeps a graph per
+    batch size and cache length), so changed weights are simply read. CUDA uses this; so does a CPU model
+    whose frozen weights went stale."""
+    if not _SHARED:
+        _SHARED.append(torch.compile(_static_step, dynamic=False))
+    return _SHARED[0]
 
 
 def _compiled(model):
-    """The compiled step for this model, compiled anew when its weights changed since.
+    """The compiled step for this model: on CPU its own frozen graph, on CUDA (or once that went stale) the
+    shared one.
 
     Frozen weights are constants of the graph, and dynamo caches graphs per code object behind guards that do
     not look at tensor values: a second model of the same shape, or the same model after an optimizer step,
-    would pass them and run the old weights. So each model gets its own copy of _static_step's code object
-    (its own dynamo cache, recompile limit included), replaced whenever the fingerprint changes."""
-    fingerprint = _weights_fingerprint(model)
-    entry = _COMPILED.get(model)
-    if entry is None or entry[1] != fingerprint:
-        fn = types.FunctionType(_static_step.__code__.replace(), _static_step.__globals__, "_static_step")
-        entry = _COMPILED[model] = (torch.compile(fn, dynamic=False), fingerprint)
-    compiled = entry[0]
+    could pass them and run old weights. So each CPU model gets its own copy of _static_step's code object (its
+    own dynamo cache, recompile limit included), checked against the weights at every generate() call. When
+    they changed (fine-tuning, a LoRA merge) the model is not frozen again, since every frozen graph stays in
+    memory for the life of the process: it runs the shared step from then on (correct, slower), with a warning.
+    """
     if model.device.type != "cpu":
-        return compiled
+        return _shared_step()
+    entry = _FROZEN.get(model)
+    if entry is not None and not _same_state(entry[1], _weights_state(model)):
+        del _FROZEN[model]
+        _THAWED.add(model)
+        warnings.warn("generate(compile=True): this model's weights changed since its decode step was compiled "
+                      "with frozen weights; it now runs a compiled step that reads the weights as inputs "
+                      "(correct, but on CPU slower than pack_weights). A model is frozen once per process: "
+                      "frozen graphs are never freed, so refreezing after every change would leak memory.",
+                      stacklevel=2)
+    if model in _THAWED:
+        return _shared_step()
+    if entry is None:
+        fn = types.FunctionType(_static_step.__code__.replace(), _static_step.__globals__, "_static_step")
+        entry = _FROZEN[model] = (_with_cpu_options(torch.compile(fn, dynamic=False)), _weights_state(model))
+    return entry[0]
 
+
+def _with_cpu_options(compiled):
     from torch._inductor import config as inductor_config   # imported here: importing inductor takes seconds
+    options = {k: v for k, v in CPU_COMPILE_OPTIONS.items() if hasattr(inductor_config, k)}   # older torch
 
     def on_cpu(*args):   # the options apply to compiles this call may trigger (a new batch size or bucket)
-        with inductor_config.patch(CPU_COMPILE_OPTIONS):
+        with inductor_config.patch(options):
             return compiled(*args)
     return on_cpu
 

@@ -259,8 +259,8 @@ class GPT2Model(PreTrained):
             raise ValueError(f"{name} must be (B, T), got shape {tuple(ids.shape)}")
         if ids.shape[1] == 0:
             raise ValueError(f"{name} is empty (shape {tuple(ids.shape)}): at least one token is needed")
-        if torch.compiler.is_compiling():   # a data-dependent check would break the graph; nn.Embedding still
-            return ids.long()              # refuses an out-of-range id (IndexError on CPU, an assert on CUDA)
+        if torch.compiler.is_compiling():   # a data-dependent check would break the graph; the embedding lookup
+            return ids.long()              # still refuses an out-of-range id ("index out of bounds"; CUDA: assert)
         lo, hi = int(ids.min()), int(ids.max())
         V = self.config.vocab_size
         if lo < 0 or hi >= V:

@@ -57,17 +57,38 @@ def test_really_compiled_step_matches(models, batch):
     ids, mask, _ = batch
     got = ours.generate(ids, attention_mask=mask, max_new_tokens=NEW, compile=True)
     assert torch.equal(got, hf_generate(hf, ids, mask, max_new_tokens=NEW))
-    # weights changed in place: the compiled step (frozen weights) must not be reused
+    # weights changed in place: the frozen step must not be reused; the model runs the shared step from then on
     with torch.no_grad():
         ours.transformer.h[0].mlp.c_fc.weight.mul_(1.5)
         hf.transformer.h[0].mlp.c_fc.weight.mul_(1.5)
     try:
-        got = ours.generate(ids, attention_mask=mask, max_new_tokens=NEW, compile=True)
+        with pytest.warns(UserWarning, match="weights changed since"):
+            got = ours.generate(ids, attention_mask=mask, max_new_tokens=NEW, compile=True)
         assert torch.equal(got, hf_generate(hf, ids, mask, max_new_tokens=NEW))
+        assert ours in generation._THAWED and ours not in generation._FROZEN
     finally:
         with torch.no_grad():
             ours.transformer.h[0].mlp.c_fc.weight.div_(1.5)
             hf.transformer.h[0].mlp.c_fc.weight.div_(1.5)
+    assert torch.equal(ours.generate(ids, attention_mask=mask, max_new_tokens=NEW, compile=True),
+                       hf_generate(hf, ids, mask, max_new_tokens=NEW))
+
+
+def test_frozen_step_sees_edits_that_skip_the_version_counter(models, batch):
+    """`p.data.mul_()` (old-style optimizers) and models built under inference_mode change weights without a
+    version bump; the frozen step must still not run the old weights."""
+    ids = batch[0][:1]
+    with torch.inference_mode():
+        model = copy.deepcopy(models[1])   # the copy's tensors are inference tensors: no version counter
+        model.load_state_dict(models[1].state_dict())
+    assert model.transformer.wte.weight.is_inference()
+    assert torch.equal(model.generate(ids, max_new_tokens=NEW, compile=True), model.generate(ids, max_new_tokens=NEW))
+    before = model.generate(ids, max_new_tokens=NEW)
+    model.transformer.wte.weight.data.mul_(-2)
+    want = model.generate(ids, max_new_tokens=NEW)
+    assert not torch.equal(want, before)
+    with pytest.warns(UserWarning, match="weights changed since"):
+        assert torch.equal(model.generate(ids, max_new_tokens=NEW, compile=True), want)
 
 
 def test_compiled_steps_never_share_frozen_weights_between_models(models, batch):
