@@ -151,10 +151,11 @@ NEAR_TIE = 0.15
 def check_greedy(name: str, out: torch.Tensor, ref: torch.Tensor, prompt_len: int, judge=None) -> None:
     """Refuse (SystemExit) to time `name` unless its greedy tokens `out` (rows: prompt, then new tokens) are right.
 
-    Without `judge` (float32): identical to `ref`, nanogpt2's (which is itself checked against transformers). With `judge`, a float32 transformers model of the
-    same weights (for bfloat16/float16 runs, where rounding legitimately flips near-ties and the sequences then
-    part): every new token must be a greedy choice of the judge run over `out` itself (teacher forcing), i.e.
-    its logit within NEAR_TIE x (best - mean logit) of the best."""
+    Without `judge` (float32): identical to `ref`, nanogpt2's tokens (themselves checked, as one of the
+    implementations). With `judge`, a float32 transformers model of the same weights (for bfloat16/float16 runs,
+    where rounding legitimately flips near-ties and the sequences then part): every new token must be a greedy
+    choice of the judge run over `out` itself (teacher forcing), i.e. its logit within NEAR_TIE x (best - mean
+    logit) of the best."""
     out, ref = out.cpu(), ref.cpu()
     if judge is None:
         if not torch.equal(out, ref):
@@ -163,7 +164,7 @@ def check_greedy(name: str, out: torch.Tensor, ref: torch.Tensor, prompt_len: in
         return
     dev = next(judge.parameters()).device
     with torch.inference_mode():
-        logits = judge(out.to(dev)).logits[:, prompt_len - 1:-1].float().cpu()   # (B, new, V): predicts each new token
+        logits = judge(out.to(dev)).logits[:, prompt_len - 1:-1].float().cpu()   # (B, new, V): each new token's
     chosen = logits.gather(-1, out[:, prompt_len:, None])[..., 0]
     best, mean = logits.max(-1).values, logits.mean(-1)
     worst = ((best - chosen) / (best - mean)).max().item()

@@ -84,10 +84,10 @@ class StaticSlot:
         self.layers = torch.arange(len(cache), device=cache.k.device)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # One index_put_ (tensor-indexed setitem) on the whole [L, B, H, max_len, D] buffer, its layer given as a tensor too: written as
-        # an in-place op on a view (cache.k[layer].index_copy_), the compiled graph rebuilds the whole buffer
-        # (a functional select_scatter, i.e. copying every layer's cache every step: 2x 75 MB at B=8, 1024
-        # positions); on the buffer itself inductor writes just the new entries in place.
+        # One index_put_ (tensor-indexed setitem) on the whole [L, B, H, max_len, D] buffer, the layer given as a
+        # tensor too. Written as an in-place op on a view (cache.k[layer].index_copy_), the compiled graph
+        # rebuilds the whole buffer (a functional select_scatter: every layer's cache copied every step, 2x 75 MB
+        # at B=8 and 256 positions); on the buffer itself inductor writes just the new entries in place.
         at = self.layers[layer:layer + 1]   # (1,); the indexed entries: (1, B, H, D)
         self.cache.k[at, :, :, self.write_at] = k.permute(2, 0, 1, 3)
         self.cache.v[at, :, :, self.write_at] = v.permute(2, 0, 1, 3)

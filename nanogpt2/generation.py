@@ -41,7 +41,7 @@ from . import logits_process as lp
 from .attention import AttentionMask
 from .cache import KVCache, StaticSlot
 from .model import positions_from_mask
-from .packed import available as packed_available, packed_linears
+from .packed import available as packed_available, identity, packed_linears
 
 # transformers' placeholder for "impossible" in beam search: a finite number, so sums of scores stay ordered
 BEAM_NEG = -1.0e9
@@ -297,17 +297,15 @@ def _static_step(model, tokens, seqlens, kv_start, slot):
 CPU_COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
                        "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}  # quiet
 
-_FROZEN = weakref.WeakKeyDictionary()   # CPU model -> (its frozen compiled step, the weights it froze)
-_THAWED = weakref.WeakSet()             # CPU models whose weights changed after freezing
+_FROZEN = weakref.WeakKeyDictionary()   # CPU model -> (its frozen step, the weights it froze); None once stale
 _SHARED = []                            # the compiled step with weights as graph inputs, for every model
 
 
 def _weights_state(model) -> tuple:
-    """What a frozen graph depends on: each parameter's storage, in-place version, dtype and shape, and the
-    sum of its values (float64) for the edits no version counter sees (`p.data.mul_()`, inference tensors).
-    One pass over the weights per generate() call: about one decode step's worth of memory traffic."""
-    meta = tuple((p.data_ptr(), None if p.is_inference() else p._version, p.dtype, p.shape)
-                 for p in model.parameters())
+    """What a frozen graph depends on: each parameter's identity (packed.identity) and shape, and the sum of its
+    values (float64) for the edits no version counter sees (`p.data.mul_()`, inference tensors). One pass over
+    the weights per generate() call: about one decode step's worth of memory traffic."""
+    meta = tuple((*identity(p), p.shape) for p in model.parameters())
     sums = torch.stack([p.detach().sum(dtype=torch.float64) for p in model.parameters()])
     return meta, sums
 
@@ -338,21 +336,17 @@ def _compiled(model):
     """
     if model.device.type != "cpu":
         return _shared_step()
-    entry = _FROZEN.get(model)
-    if entry is not None and not _same_state(entry[1], _weights_state(model)):
-        del _FROZEN[model]
-        _THAWED.add(model)
+    if model not in _FROZEN:
+        fn = types.FunctionType(_static_step.__code__.replace(), _static_step.__globals__, "_static_step")
+        _FROZEN[model] = (_with_cpu_options(torch.compile(fn, dynamic=False)), _weights_state(model))
+    elif _FROZEN[model] is not None and not _same_state(_FROZEN[model][1], _weights_state(model)):
+        _FROZEN[model] = None
         warnings.warn("generate(compile=True): this model's weights changed since its decode step was compiled "
                       "with frozen weights; it now runs a compiled step that reads the weights as inputs "
                       "(correct, but on CPU slower than pack_weights). A model is frozen once per process: "
                       "frozen graphs are never freed, so refreezing after every change would leak memory.",
                       stacklevel=2)
-    if model in _THAWED:
-        return _shared_step()
-    if entry is None:
-        fn = types.FunctionType(_static_step.__code__.replace(), _static_step.__globals__, "_static_step")
-        entry = _FROZEN[model] = (_with_cpu_options(torch.compile(fn, dynamic=False)), _weights_state(model))
-    return entry[0]
+    return _shared_step() if _FROZEN[model] is None else _FROZEN[model][0]
 
 
 def _with_cpu_options(compiled):

@@ -37,14 +37,20 @@ def _is_packed(m: nn.Module) -> bool:
     return getattr(m.forward, "_nanogpt2_packed", False)
 
 
+def identity(t: torch.Tensor) -> tuple:
+    """What changes when a tensor's values may have: its storage, in-place version counter (None for inference
+    tensors, which keep none), dtype and device. Not `p.data.mul_()`, which bumps no counter."""
+    return t.data_ptr(), None if t.is_inference() else t._version, t.dtype, t.device
+
+
 def _packed_forward(module: nn.Linear, packed: torch.Tensor):
     weight, bias = module.weight, module.bias
-    packed_from = (weight._version, weight.data_ptr(), weight.dtype, weight.device)
+    packed_from = identity(weight)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         w = module.weight
         if (w is not weight or module.bias is not bias   # a new Parameter (load_state_dict(assign=True), ...)
-                or (w._version, w.data_ptr(), w.dtype, w.device) != packed_from   # changed in place, .data, .to()
+                or identity(w) != packed_from                      # changed in place, .data = ..., .to()
                 or x.dtype != w.dtype                                            # autocast, mixed inputs
                 or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):   # autograd needs F.linear
             return F.linear(x, w, module.bias)

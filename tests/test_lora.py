@@ -25,6 +25,13 @@ def randomize_lora(model, seed=1):
                 m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.2)
 
 
+def lora_model(path, r, alpha, target_modules=TARGETS):
+    """The checkpoint at `path` with LoRA adapters whose B is nonzero (randomize_lora)."""
+    model = apply_lora(GPT2LMHeadModel.from_pretrained(path), r=r, alpha=alpha, target_modules=target_modules)
+    randomize_lora(model)
+    return model
+
+
 def test_apply_freezes_base_and_starts_at_the_base_model(hf_checkpoint):
     path, _ = hf_checkpoint()
     model = GPT2LMHeadModel.from_pretrained(path)
@@ -47,9 +54,7 @@ def test_our_adapter_loads_in_peft_with_identical_logits(hf_checkpoint, tmp_path
     import peft
     transformers = hf_quiet()
     path, _ = hf_checkpoint()
-    ours = GPT2LMHeadModel.from_pretrained(path)
-    apply_lora(ours, r=4, alpha=12, target_modules=TARGETS)
-    randomize_lora(ours)
+    ours = lora_model(path, r=4, alpha=12)
     save_adapter(ours, tmp_path / "adapter", base_model_name_or_path=path)
     keys = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert keys["base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"].shape == (4, 32)  # (r, in)
@@ -86,9 +91,7 @@ def test_peft_adapter_loads_into_nanogpt2_with_identical_logits(hf_checkpoint, t
 def test_merge_keeps_logits_and_transformers_loads_the_merged_checkpoint(hf_checkpoint, tmp_path):
     transformers = hf_quiet()
     path, base = hf_checkpoint()
-    model = GPT2LMHeadModel.from_pretrained(path)
-    apply_lora(model, r=2, alpha=4, target_modules=TARGETS)
-    randomize_lora(model)
+    model = lora_model(path, r=2, alpha=4)
     ids = torch.randint(0, 101, (2, 10))
     unmerged = model(ids).logits
     assert not torch.allclose(unmerged, base(ids).logits, atol=1e-3)  # the adapter does change the model
@@ -103,8 +106,7 @@ def test_merge_keeps_logits_and_transformers_loads_the_merged_checkpoint(hf_chec
 
 def test_resave_round_trip_is_exact(hf_checkpoint, tmp_path):
     path, _ = hf_checkpoint()
-    a = apply_lora(GPT2LMHeadModel.from_pretrained(path), r=3, alpha=6, target_modules=("mlp.c_proj",))
-    randomize_lora(a)
+    a = lora_model(path, r=3, alpha=6, target_modules=("mlp.c_proj",))
     save_adapter(a, tmp_path)
     b = load_adapter(GPT2LMHeadModel.from_pretrained(path), str(tmp_path))
     assert list(b.transformer.h[0].mlp.c_proj.lora_A.weight.shape) == [3, 128]

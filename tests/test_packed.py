@@ -123,3 +123,14 @@ def test_weights_replaced_after_packing_are_not_ignored(model, change):
     with torch.no_grad():
         expected = model(ids).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_model_built_under_inference_mode_generates_packed():
+    """Inference tensors keep no version counter: packing must not ask them for one (it used to raise)."""
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        model = GPT2LMHeadModel(GPT2Config(**TINY)).eval()
+    assert model.transformer.wte.weight.is_inference()
+    ids = torch.randint(0, 101, (2, 6))
+    plain = model.generate(ids, max_new_tokens=8, pack_weights=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, pack_weights=True), plain)
