@@ -10,16 +10,10 @@ import csv
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 
 import torch
-
-# the benchmarks run from a checkout: `python benchmarks/x.py`; keep the root (and its kernels/) off sys.path
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) not in (_ROOT,)]
-
 
 def cpu_name() -> str:
     try:
@@ -120,10 +114,9 @@ def model_pair(args, attn_implementation="sdpa", hf_attn="sdpa", initializer_ran
 
     Random weights use `initializer_range` (default GPT-2's 0.02); generation benchmarks pass a larger one so
     the logits are peaky and greedy tokens do not hinge on rounding (both sides must produce the same tokens)."""
-    import transformers
     from nanogpt2 import GPT2Config, GPT2LMHeadModel
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    from nanogpt2.reference import hf_quiet
+    transformers = hf_quiet()
     dtype = getattr(torch, args.dtype)
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model
@@ -136,7 +129,7 @@ def model_pair(args, attn_implementation="sdpa", hf_attn="sdpa", initializer_ran
             path = tmp
         ours = GPT2LMHeadModel.from_pretrained(path, dtype=dtype, device=args.device,
                                                attn_implementation=attn_implementation)
-        from nanogpt2.weights import resolve
+        from nanogpt2.files import resolve
         theirs = transformers.GPT2LMHeadModel.from_pretrained(resolve(path).directory, dtype=dtype,
                                                               attn_implementation=hf_attn).to(args.device).eval()
     return ours, theirs

@@ -14,6 +14,7 @@ by `AttentionMask`: causal, plus an optional 2-D key padding mask that covers ca
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from dataclasses import dataclass
@@ -28,12 +29,13 @@ BACKENDS = ("auto", "triton", "sdpa", "eager")
 
 @lru_cache(maxsize=None)
 def _kernels():
-    """The Triton kernels module, or None when triton is not importable on this machine."""
-    try:
-        from . import kernels
-        return kernels
-    except ImportError:  # no triton (e.g. macOS): sdpa/eager still work
+    """The Triton kernels module, or None when the triton package is not installed (e.g. macOS, where sdpa and
+    eager still work). Decided by whether triton is installed, never by catching an error: a kernel module that
+    fails to import (a bug, a triton too old) raises here rather than quietly turning "auto" into sdpa."""
+    if importlib.util.find_spec("triton") is None:
         return None
+    from . import kernels   # imported on first use: triton's import costs ~1 s, and CPU runs rarely need it
+    return kernels
 
 
 def triton_interpreting() -> bool:
@@ -44,7 +46,7 @@ def check_backend(name: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"attn_implementation {name!r} is not one of {', '.join(map(repr, BACKENDS))}")
     if name == "triton" and _kernels() is None:
-        raise ValueError("attn_implementation='triton' needs the triton package, which failed to import here; "
+        raise ValueError("attn_implementation='triton' needs the triton package, which is not installed here; "
                          "install triton (Linux x86-64) or use 'sdpa'")
     return name
 
@@ -136,6 +138,17 @@ class AttentionMask:
             self._left_padded = bool(((pos[None, :] >= n_pad[:, None]) == kp).all())
             self._kv_start = n_pad.to(torch.int32) if self._left_padded else None
         return self._kv_start
+
+
+def positions_from_mask(attention_mask: Optional[torch.Tensor], past: int, T: int, device) -> torch.Tensor:
+    """Position ids (B or 1, T) of the last T of past + T positions. With a padding mask (B, past + T), a row's
+    first real token is position 0 wherever it sits (left padding), and padding gets position 1, as
+    transformers' generate does; forward and every decode step use this one rule."""
+    if attention_mask is None:
+        return torch.arange(past, past + T, device=device)[None]
+    pos = attention_mask.long().cumsum(-1) - 1
+    pos = pos.masked_fill(attention_mask == 0, 1)
+    return pos[:, -T:].to(device)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, *, scale: float,

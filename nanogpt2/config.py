@@ -1,5 +1,8 @@
 """GPT2Config: the model's hyperparameters, with Hugging Face's field names, defaults and config.json format.
 
+Pure data: the dataclass, its checks, JSON in and out, and the presets. Finding a checkpoint's config.json is
+files.py's job.
+
 A config read from a Hugging Face `config.json` keeps every key it does not know (in `extra`) and writes
 them back on save, so a round trip through nanogpt2 never loses information transformers relies on.
 """
@@ -10,6 +13,8 @@ import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+from .files import CheckpointError, resolve
 
 # Activations GPT-2 checkpoints use, by transformers' ACT2FN name. "gelu_new" is GPT-2's own tanh
 # approximation; "gelu" is the exact erf form, a (slightly) different function.
@@ -116,11 +121,14 @@ class GPT2Config:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, revision: Optional[str] = None, **overrides) -> "GPT2Config":
-        """Config of a local directory, bundled model or hub id; a preset name without the hub falls back
-        to the preset (the preset's values equal the hub's config for those names)."""
-        from .weights import resolve_config_file
-        path = resolve_config_file(name_or_path, revision=revision)
-        config = cls.from_json_file(path) if path is not None else cls.preset(name_or_path)
+        """Config of a local directory, bundled model or hub id (files.resolve). A preset name ("gpt2", ...) whose
+        files cannot be found (offline, not cached) gives the preset: its values are the hub's config.json."""
+        try:
+            config = cls.from_json_file(resolve(name_or_path, revision).config_file)
+        except CheckpointError:
+            if name_or_path not in PRESETS:
+                raise
+            config = cls.preset(name_or_path)   # decided by name, not by the error: only presets have a default
         return dataclasses.replace(config, **overrides) if overrides else config
 
     @classmethod

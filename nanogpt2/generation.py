@@ -17,7 +17,7 @@ beams trade histories.
 
 Speed (BENCHMARKS.md): on CPU the linear layers multiply with oneDNN-packed weights while generating
 (packed.py; `pack_weights`), which is what makes decoding memory-bound at ~1.7x the weight-read floor;
-`compile=True` runs a fixed-shape step through torch.compile (`CompiledStep`), at ~1.0-1.2x the floor on CPU.
+`compile=True` runs a fixed-shape step through torch.compile (compiled.py), at ~1.0-1.2x the floor on CPU.
 
 Semantics are transformers 5.x's (generation/utils.py, logits_process.py, stopping_criteria.py), pinned by
 parity tests: argument names, defaults and meanings (top_k=50 when sampling; max_length counts the prompt;
@@ -27,9 +27,6 @@ Left-padded batches: positions come from the attention mask, and every row gener
 """
 from __future__ import annotations
 
-import types
-import warnings
-import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from typing import Iterator, Optional, Union
@@ -37,11 +34,12 @@ from typing import Iterator, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from . import compiled
 from . import logits_process as lp
-from .attention import AttentionMask
-from .cache import KVCache, StaticSlot
-from .model import positions_from_mask
-from .packed import available as packed_available, identity, packed_linears
+from .attention import AttentionMask, positions_from_mask
+from .cache import KVCache
+from .inputs import check_mask_shape, check_token_ids
+from .packed import available as packed_available, packed_linears
 
 # transformers' placeholder for "impossible" in beam search: a finite number, so sums of scores stay ordered
 BEAM_NEG = -1.0e9
@@ -69,9 +67,9 @@ class GenerationConfig:
     # nanogpt2's own: multiply with oneDNN-packed weights on CPU (packed.py; ~2x faster decode, one more copy of
     # the weights while generating). None: on when the model is on CPU and PyTorch can pack; False: off.
     pack_weights: Optional[bool] = None
-    # nanogpt2's own: torch.compile the decode step (CompiledStep: fixed shapes). The first call per model, batch
+    # nanogpt2's own: torch.compile the decode step (compiled.py: fixed shapes). The first call per model, batch
     # size and cache-length bucket compiles: on CPU inductor freezes and autotunes the weights' matmuls
-    # (CPU_COMPILE_OPTIONS; 20-60 s for 124M on 2 cores), then B=1 steps run ~1.4-1.7x faster than
+    # (compiled.CPU_COMPILE_OPTIONS; 20-60 s for 124M on 2 cores), then B=1 steps run ~1.4-1.7x faster than
     # pack_weights' (BENCHMARKS.md). For batches, and for weights that keep changing, keep the default.
     compile: bool = False
 
@@ -139,17 +137,8 @@ def prepare(model, input_ids, attention_mask, cfg: GenerationConfig) -> Prompt:
     """Check the prompt against the model, settle lengths and special tokens (transformers' rules)."""
     config = model.config
     V, n_positions = config.vocab_size, config.n_positions
-    if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.dtype == torch.bool:
-        raise TypeError(f"input_ids must be an integer torch.Tensor (B, T), got "
-                        f"{getattr(input_ids, 'dtype', type(input_ids).__name__)}")
-    ids = input_ids[None] if input_ids.dim() == 1 else input_ids
-    if ids.dim() != 2 or ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be (B, T) with T >= 1, got shape {tuple(input_ids.shape)}")
-    ids = ids.to(model.device, torch.long)
+    ids = check_token_ids(input_ids, V, "input_ids").to(model.device)
     B, T = ids.shape
-    if int(ids.min()) < 0 or int(ids.max()) >= V:
-        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
-        raise ValueError(f"input_ids: token id {bad} out of range [0, {V})")
 
     # special tokens: the call's, else the model config's; pad falls back to the first eos, as in transformers.
     # Ids passed here must be in the vocabulary (finished rows feed pad back to the model); ids from a config
@@ -192,10 +181,7 @@ def prepare(model, input_ids, attention_mask, cfg: GenerationConfig) -> Prompt:
         attention_mask = inferred = (ids != pad).long()
     mask = None
     if attention_mask is not None:
-        if tuple(attention_mask.shape) != (B, T):
-            raise ValueError(f"attention_mask must be (B, T) = {(B, T)} like input_ids, got "
-                             f"{tuple(attention_mask.shape)}")
-        real = attention_mask.to(model.device) != 0
+        real = check_mask_shape(attention_mask, (B, T), "B, T").to(model.device) != 0
         n_pad = T - real.sum(-1)
         left = torch.arange(T, device=real.device)[None] >= n_pad[:, None]   # what left padding looks like
         if bool((n_pad == T).any()):
@@ -249,131 +235,16 @@ def _needs_forward(model) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in (model, getattr(model, "transformer", model)))
 
 
-class CompiledStep:
-    """decode_one_token with fixed shapes, run through torch.compile (generate(compile=True)).
-
-    Each step attends over the whole cache buffer with a mask (AttentionMask.static_decode) and writes its
-    key/value at a position held in a tensor (cache.StaticSlot); the lengths live in int32 tensors updated in
-    place. So no shape or Python number changes from step to step: one graph (no breaks), compiled once per
-    batch size and cache length; cache lengths are rounded up to multiples of COMPILE_BUCKET so that prompts of
-    different lengths share compilations (per model on CPU, where the weights are frozen into the graph:
-    CPU_COMPILE_OPTIONS, _compiled). The price of fixed shapes is reading the whole buffer every step.
-    Not done: CUDA-graph capture (mode="reduce-overhead" would skip graphs whose inputs, the cache, are
-    mutated unless the cache has a static address and is reused across calls, as gpt-fast does).
-    """
-
-    def __init__(self, model, cache: KVCache, kv_start: Optional[torch.Tensor]):
-        N, dev = cache.batch_size, cache.k.device
-        self.model, self.cache, self.slot = model, cache, StaticSlot(cache)
-        self.seqlens = torch.zeros(N, dtype=torch.int32, device=dev)
-        self.kv_start = torch.zeros(N, dtype=torch.int32, device=dev) if kv_start is None else kv_start.clone()
-        self.fn = _compiled(model)
-
-    def __call__(self, token: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        past = self.cache.length
-        if past >= self.cache.max_len:
-            raise ValueError(f"KV cache is full: {past} cached positions, max_len {self.cache.max_len}")
-        self.slot.write_at.fill_(past)
-        self.seqlens.fill_(past + 1)
-        logits = self.fn(self.model, token, self.seqlens, self.kv_start, self.slot)
-        self.cache.advance(1)
-        return logits.float()
-
-
-def _static_step(model, tokens, seqlens, kv_start, slot):
-    mask = AttentionMask.static_decode(seqlens, kv_start, slot.cache.max_len)
-    positions = (seqlens - 1 - kv_start).long()[:, None]   # a row's position counts its real tokens
-    return model.decode_step(tokens, positions, mask, slot)
-
-
-# compile=True on CPU: inductor freezes the weights into the graph (constants, so it can prepack them) and
-# max-autotune lets it pick its own C++ micro-GEMM (CppMicroGemmFP32Vec) over MKL/oneDNN where that is faster:
-# for a decode step's GEMVs it streams the weights at 26-33 GB/s, oneDNN's packed path at 18-24 and MKL's sgemm
-# at ~12 on the 2-core machine of BENCHMARKS.md (whose read bandwidth is ~33 GB/s). Without freezing, weights
-# are graph inputs and inductor can only call MKL on them. The price: the first compile autotunes each matmul
-# shape (20-60 s for 124M), and the frozen graph (a packed copy of the weights, and the model it was made
-# from) stays alive as long as the process: dynamo keeps compiled code and its guards reachable, and no public
-# API releases them. So a model is frozen at most once (see _compiled).
-CPU_COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
-                       "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}  # quiet
-
-_FROZEN = weakref.WeakKeyDictionary()   # CPU model -> (its frozen step, the weights it froze); None once stale
-_SHARED = []                            # the compiled step with weights as graph inputs, for every model
-
-
-def _weights_state(model) -> tuple:
-    """What a frozen graph depends on: each parameter's identity (packed.identity) and shape, and the sum of its
-    values (float64) for the edits no version counter sees (`p.data.mul_()`, inference tensors). One pass over
-    the weights per generate() call: about one decode step's worth of memory traffic."""
-    meta = tuple((*identity(p), p.shape) for p in model.parameters())
-    sums = torch.stack([p.detach().sum(dtype=torch.float64) for p in model.parameters()])
-    return meta, sums
-
-
-def _same_state(a: tuple, b: tuple) -> bool:
-    return a[0] == b[0] and torch.equal(a[1], b[1])
-
-
-def _shared_step():
-    """One torch.compile of _static_step for every model: weights are graph inputs (dynamo keeps a graph per
-    batch size and cache length), so changed weights are simply read. CUDA uses this; so does a CPU model
-    whose frozen weights went stale."""
-    if not _SHARED:
-        _SHARED.append(torch.compile(_static_step, dynamic=False))
-    return _SHARED[0]
-
-
-def _compiled(model):
-    """The compiled step for this model: on CPU its own frozen graph, on CUDA (or once that went stale) the
-    shared one.
-
-    Frozen weights are constants of the graph, and dynamo caches graphs per code object behind guards that do
-    not look at tensor values: a second model of the same shape, or the same model after an optimizer step,
-    could pass them and run old weights. So each CPU model gets its own copy of _static_step's code object (its
-    own dynamo cache, recompile limit included), checked against the weights at every generate() call. When
-    they changed (fine-tuning, a LoRA merge) the model is not frozen again, since every frozen graph stays in
-    memory for the life of the process: it runs the shared step from then on (correct, slower), with a warning.
-    """
-    if model.device.type != "cpu":
-        return _shared_step()
-    if model not in _FROZEN:
-        fn = types.FunctionType(_static_step.__code__.replace(), _static_step.__globals__, "_static_step")
-        _FROZEN[model] = (_with_cpu_options(torch.compile(fn, dynamic=False)), _weights_state(model))
-    elif _FROZEN[model] is not None and not _same_state(_FROZEN[model][1], _weights_state(model)):
-        _FROZEN[model] = None
-        warnings.warn("generate(compile=True): this model's weights changed since its decode step was compiled "
-                      "with frozen weights; it now runs a compiled step that reads the weights as inputs "
-                      "(correct, but on CPU slower than pack_weights). A model is frozen once per process: "
-                      "frozen graphs are never freed, so refreezing after every change would leak memory.",
-                      stacklevel=2)
-    return _shared_step() if _FROZEN[model] is None else _FROZEN[model][0]
-
-
-def _with_cpu_options(compiled):
-    from torch._inductor import config as inductor_config   # imported here: importing inductor takes seconds
-    options = {k: v for k, v in CPU_COMPILE_OPTIONS.items() if hasattr(inductor_config, k)}   # older torch
-
-    def on_cpu(*args):   # the options apply to compiles this call may trigger (a new batch size or bucket)
-        with inductor_config.patch(options):
-            return compiled(*args)
-    return on_cpu
-
-
-COMPILE_BUCKET = 128   # compile=True: cache lengths are multiples of this (or n_positions), to reuse graphs
-
-
 def cache_length(model, needed: int, cfg: "GenerationConfig") -> int:
-    """Positions to preallocate: exactly what is needed, or with compile=True the next multiple of
-    COMPILE_BUCKET (capped at n_positions), so that nearby lengths run the same compiled graph."""
-    if not cfg.compile:
-        return needed
-    return min(model.config.n_positions, -(-needed // COMPILE_BUCKET) * COMPILE_BUCKET)
+    """Positions to preallocate: exactly what is needed, or with compile=True a bucketed length
+    (compiled.cache_length), so that nearby lengths run the same compiled graph."""
+    return compiled.cache_length(model.config.n_positions, needed) if cfg.compile else needed
 
 
 def make_step(model, cache: KVCache, kv_start: Optional[torch.Tensor], cfg: "GenerationConfig"):
     """The per-token function the loops call: (token (N,), mask (N, cached + 1) or None) -> logits (N, V)."""
     if cfg.compile and not _needs_forward(model):   # module hooks want forward itself, every token
-        return CompiledStep(model, cache, kv_start)
+        return compiled.compiled_decode(model).step(cache, kv_start)
     return lambda token, mask: decode_one_token(model, token, mask, cache, kv_start)
 
 
@@ -625,7 +496,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     min_new_tokens, do_sample, temperature, top_k, top_p, min_p, repetition_penalty, no_repeat_ngram_size,
     num_beams, length_penalty, early_stopping, num_return_sequences, eos_token_id, pad_token_id; and
     nanogpt2's pack_weights (None: oneDNN-packed weights on CPU, packed.py) and compile (torch.compile a
-    fixed-shape decode step, CompiledStep). `attention_mask` (B, T): 0 marks left padding. `generator` (a torch.Generator on the model's device)
+    fixed-shape decode step, compiled.py). `attention_mask` (B, T): 0 marks left padding. `generator` (a torch.Generator on the model's device)
     makes sampling reproducible without touching the global RNG (which it uses otherwise, as transformers
     does). `streamer(tokens)` is called with each step's new tokens (N,) (greedy and sampling only; a
     transformers streamer with put()/end() works too). Output rows are b * num_return_sequences + i.

@@ -36,6 +36,9 @@ LORA_MODULES = ("c_attn", "c_proj", "c_fc")
 class LoRALinear(nn.Module):
     """An nn.Linear `base_layer` (frozen) plus the low-rank branch lora_B(lora_A(dropout(x))) * scaling.
     Submodule names follow PEFT's LoRA layer (base_layer, lora_A, lora_B, lora_dropout)."""
+    # read by weights.check_saveable: these keys would make a checkpoint no GPT-2 loader accepts
+    checkpoint_refusal = ("it has unmerged LoRA adapters: call nanogpt2.lora.merge_lora(model) first to save a "
+                          "plain checkpoint, or nanogpt2.lora.save_adapter(model, dir) to save the adapters")
 
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
         super().__init__()

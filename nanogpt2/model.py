@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -18,10 +19,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .attention import AttentionMask, attention, check_backend
+from . import generation, weights
+from .attention import AttentionMask, attention, check_backend, positions_from_mask
 from .cache import KVCache
 from .config import GPT2Config
 from .hooks import HookRegistry, HooksMixin
+from .inputs import check_mask_shape, check_token_ids
 
 
 @dataclass
@@ -44,6 +47,12 @@ def activation(name: str):
             "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x)}[name]
 
 
+def point_names(prefix: str, points: tuple[str, ...]) -> SimpleNamespace:
+    """The full names of a module's activation points (hooks.py), made once at construction: `.q` is
+    "h.3.attn.q". A forward only looks them up, never formats a string."""
+    return SimpleNamespace(**{p: f"{prefix}.{p}" for p in points})
+
+
 class GPT2Attention(nn.Module):
     def __init__(self, config: GPT2Config, layer_idx: int):
         super().__init__()
@@ -61,42 +70,42 @@ class GPT2Attention(nn.Module):
         self.upcast = config.reorder_and_upcast_attn
         self.attn_implementation = "auto"
         self.hook = HookRegistry()  # replaced by the model's shared registry (hooks.py)
-        self.name = f"h.{layer_idx}.attn"
+        self.points = point_names(f"h.{layer_idx}.attn", ("q", "k", "v", "pattern", "z", "out"))
 
     def forward(self, x, mask: AttentionMask, cache: Optional[KVCache] = None, need_weights: bool = False):
         B, T, C = x.shape
-        hook, name = self.hook, self.name
+        hook, p = self.hook, self.points
         # (B, T, 3C) -> three (B, T, nh, hs) -> (B, nh, T, hs): one matmul for q, k and v, as GPT-2 was trained
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)
-        q = hook(f"{name}.q", q).transpose(1, 2)
-        k = hook(f"{name}.k", k).transpose(1, 2)
-        v = hook(f"{name}.v", v).transpose(1, 2)
+        q = hook(p.q, q).transpose(1, 2)
+        k = hook(p.k, k).transpose(1, 2)
+        v = hook(p.v, v).transpose(1, 2)
         if cache is not None:  # append to the history; attend over all of it: (B, nh, S, hs)
             k, v = cache.update(self.layer_idx, k, v)
-        pattern_hook = (lambda p: hook(f"{name}.pattern", p)) if hook.wants(f"{name}.pattern") else None
+        pattern_hook = (lambda probs: hook(p.pattern, probs)) if hook.wants(p.pattern) else None
         y, probs = attention(q, k, v, mask, scale=self.scale, backend=self.attn_implementation,
                              dropout_p=self.attn_pdrop if self.training else 0.0,
                              need_weights=need_weights, upcast=self.upcast, probs_hook=pattern_hook)
-        y = hook(f"{name}.z", y.transpose(1, 2))  # (B, T, nh, hs): each head's output
+        y = hook(p.z, y.transpose(1, 2))  # (B, T, nh, hs): each head's output
         y = y.reshape(B, T, C)  # re-assemble the heads side by side
-        return hook(f"{name}.out", self.resid_dropout(self.c_proj(y))), probs
+        return hook(p.out, self.resid_dropout(self.c_proj(y))), probs
 
 
 class GPT2MLP(nn.Module):
-    def __init__(self, config: GPT2Config):
+    def __init__(self, config: GPT2Config, layer_idx: int):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, config.inner_dim)
         self.c_proj = nn.Linear(config.inner_dim, config.n_embd)
         self.act = activation(config.activation_function)
         self.dropout = nn.Dropout(config.resid_pdrop)
         self.hook = HookRegistry()
-        self.name = "mlp"
+        self.points = point_names(f"h.{layer_idx}.mlp", ("pre", "post", "out"))
 
     def forward(self, x):
-        hook, name = self.hook, self.name
-        h = hook(f"{name}.pre", self.c_fc(x))
-        h = hook(f"{name}.post", self.act(h))
-        return hook(f"{name}.out", self.dropout(self.c_proj(h)))
+        hook, p = self.hook, self.points
+        h = hook(p.pre, self.c_fc(x))      # (B, T, F)
+        h = hook(p.post, self.act(h))
+        return hook(p.out, self.dropout(self.c_proj(h)))
 
 
 class GPT2Block(nn.Module):
@@ -105,35 +114,35 @@ class GPT2Block(nn.Module):
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.attn = GPT2Attention(config, layer_idx)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.mlp = GPT2MLP(config)
-        self.mlp.name = f"h.{layer_idx}.mlp"
+        self.mlp = GPT2MLP(config, layer_idx)
         self.hook = HookRegistry()
-        self.name = f"h.{layer_idx}"
+        self.points = point_names(f"h.{layer_idx}", ("ln_1", "resid_mid", "ln_2", "resid_post"))
 
     def forward(self, x, mask: AttentionMask, cache: Optional[KVCache] = None, need_weights: bool = False):
-        hook, name = self.hook, self.name
-        a, probs = self.attn(hook(f"{name}.ln_1", self.ln_1(x)), mask, cache, need_weights)
-        x = hook(f"{name}.resid_mid", x + a)
-        x = x + self.mlp(hook(f"{name}.ln_2", self.ln_2(x)))
-        return hook(f"{name}.resid_post", x), probs
+        hook, p = self.hook, self.points
+        a, probs = self.attn(hook(p.ln_1, self.ln_1(x)), mask, cache, need_weights)
+        x = hook(p.resid_mid, x + a)
+        x = x + self.mlp(hook(p.ln_2, self.ln_2(x)))
+        return hook(p.resid_post, x), probs
 
 
 class PreTrained(HooksMixin, nn.Module):
     """What both GPT-2 classes share: loading, saving, initialisation, the attention backend."""
     config: GPT2Config
+    compiled_decode = None   # generate(compile=True)'s compiled step for this model (compiled.py), made on first use
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype=None, device=None, attn_implementation: str = "auto",
                         revision: Optional[str] = None):
-        """A local directory, a bundled model name, or a Hugging Face hub id (see weights.py)."""
-        from .weights import load_pretrained
-        return load_pretrained(cls, name_or_path, dtype=dtype, device=device,
-                               attn_implementation=attn_implementation, revision=revision)
+        """A local directory, a bundled model name, or a Hugging Face hub id (files.py); read by weights.py."""
+        check_backend(attn_implementation)
+        model = weights.load_pretrained(cls, name_or_path, dtype=dtype, device=device, revision=revision)
+        model.set_attn_implementation(attn_implementation)
+        return model
 
     def save_pretrained(self, save_directory, max_shard_size: int | str = "5GB") -> None:
         """config.json + model.safetensors (sharded above max_shard_size), loadable by transformers."""
-        from .weights import save_pretrained
-        save_pretrained(self, save_directory, max_shard_size=max_shard_size)
+        weights.save_pretrained(self, save_directory, max_shard_size=max_shard_size)
 
     def set_attn_implementation(self, name: str) -> None:
         check_backend(name)
@@ -197,7 +206,7 @@ class GPT2Model(PreTrained):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids (B, T) or inputs_embeds (B, T, n_embd)")
         if input_ids is not None:
-            input_ids = self._check_ids(input_ids, "input_ids")
+            input_ids = check_token_ids(input_ids, self.config.vocab_size, "input_ids")
             B, T = input_ids.shape
         else:
             if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.n_embd:
@@ -211,7 +220,7 @@ class GPT2Model(PreTrained):
             raise ValueError(f"sequence length {past + T} (cached {past} + new {T}) exceeds the model's maximum "
                              f"context n_positions={self.config.n_positions}")
         if attention_mask is not None:
-            attention_mask = self._check_mask(attention_mask, B, past + T)
+            attention_mask = check_mask_shape(attention_mask, (B, past + T), "batch, cached + new tokens")
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, past, T, self.wpe.weight.device)
         elif position_ids.shape[-1] != T:
@@ -220,7 +229,7 @@ class GPT2Model(PreTrained):
         x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
         x = x + self.wpe(position_ids)
         if token_type_ids is not None:  # GPT-2 has no segment table: transformers reuses wte
-            x = x + self.wte(self._check_ids(token_type_ids, "token_type_ids"))
+            x = x + self.wte(check_token_ids(token_type_ids, self.config.vocab_size, "token_type_ids"))
         return self.run(x, AttentionMask.build(attention_mask, past, T), cache, output_hidden_states,
                         output_attentions)
 
@@ -247,43 +256,6 @@ class GPT2Model(PreTrained):
         return GPT2Output(last_hidden_state=x, past_key_values=cache,
                           hidden_states=tuple(hidden_states) if output_hidden_states else None,
                           attentions=tuple(attentions) if output_attentions else None)
-
-    def _check_ids(self, ids: torch.Tensor, name: str) -> torch.Tensor:
-        if not isinstance(ids, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(ids).__name__}")
-        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-            raise TypeError(f"{name} must hold integer token ids (torch.long), got dtype {ids.dtype}")
-        if ids.dim() == 1:
-            ids = ids[None]
-        if ids.dim() != 2:
-            raise ValueError(f"{name} must be (B, T), got shape {tuple(ids.shape)}")
-        if ids.shape[1] == 0:
-            raise ValueError(f"{name} is empty (shape {tuple(ids.shape)}): at least one token is needed")
-        if torch.compiler.is_compiling():   # a data-dependent check would break the graph; the embedding lookup
-            return ids.long()              # still refuses an out-of-range id ("index out of bounds"; CUDA: assert)
-        lo, hi = int(ids.min()), int(ids.max())
-        V = self.config.vocab_size
-        if lo < 0 or hi >= V:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"{name}: token id {bad} out of range [0, {V})")
-        return ids.long()
-
-    @staticmethod
-    def _check_mask(mask: torch.Tensor, B: int, S: int) -> torch.Tensor:
-        if mask.dim() != 2 or tuple(mask.shape) != (B, S):
-            raise ValueError(f"attention_mask must be 2-D (batch, cached + new tokens) = ({B}, {S}) of 0/1, "
-                             f"got shape {tuple(mask.shape)}")
-        return mask
-
-
-def positions_from_mask(attention_mask, past: int, T: int, device) -> torch.Tensor:
-    """Position ids (B or 1, T). With a padding mask, a row's first real token is position 0 wherever it
-    sits (left padding); padding gets position 1, as transformers' generate does."""
-    if attention_mask is None:
-        return torch.arange(past, past + T, device=device)[None]
-    pos = attention_mask.long().cumsum(-1) - 1
-    pos = pos.masked_fill(attention_mask == 0, 1)
-    return pos[:, -T:].to(device)
 
 
 class GPT2LMHeadModel(PreTrained):
@@ -340,5 +312,4 @@ class GPT2LMHeadModel(PreTrained):
     @torch.no_grad()
     def generate(self, input_ids, **kwargs):
         """Greedy / sampling / beam search with transformers' arguments; see generation.py."""
-        from .generation import generate
-        return generate(self, input_ids, **kwargs)
+        return generation.generate(self, input_ids, **kwargs)

@@ -171,7 +171,7 @@ HF_POINTS = (
 
 def transformers_prefill(hf_model, batch: Batch) -> dict[str, torch.Tensor]:
     """transformers' intermediates at nanogpt2's named points, captured with hooks on its modules."""
-    from .model import positions_from_mask
+    from .attention import positions_from_mask
     cfg = hf_model.config
     H, D = cfg.n_head, cfg.n_embd // cfg.n_head
     acts: dict[str, torch.Tensor] = {}
@@ -389,7 +389,7 @@ def verify(model_name: Optional[str] = None, atol: float = TOLERANCES[torch.floa
     transformers = quiet_transformers()
     from .attention import check_backend, resolve_backend
     from .model import GPT2LMHeadModel
-    from .weights import resolve
+    from .files import resolve
     check_backend(attn_implementation)
     fp32 = Tolerance(atol, TOLERANCES[torch.float32].rtol)
     low_dtype = DTYPES[dtype]
@@ -495,7 +495,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .weights import CheckpointError
+    from .files import CheckpointError
 
     def split(s):
         return [x.strip() for x in s.split(",") if x.strip()]

@@ -1,13 +1,7 @@
-"""Hugging Face checkpoint I/O: resolve a name to files, read them strictly, map names, write them back.
+"""Hugging Face checkpoint I/O: read weight files strictly into a model, map names, write them back.
 
-Where a model comes from, in the order tried:
-  1. a local directory (config.json + model.safetensors | model.safetensors.index.json + shards |
-     pytorch_model.bin);
-  2. a model bundled with nanogpt2 (nanogpt2/assets/models/<name>/, e.g. "shakespeare-tiny");
-  3. a Hugging Face hub id ("gpt2", "openai-community/gpt2-medium", ...) through huggingface_hub, which
-     honours HF_HOME / HF_HUB_OFFLINE and its cache.
-
-The mapping to transformers' layout is four transposes per block and a tie (see model.py); loading is
+Where the files are is files.py's job; which class to build is the caller's (model.py passes itself in: this
+module never imports the model). The mapping to transformers' layout is four transposes per block and a tie (see model.py); loading is
 strict where transformers is lenient: a missing, unexpected or mis-shaped tensor is an error naming it,
 never a silently random-initialised weight. The model is built on the meta device and each tensor is
 materialised once, in its final dtype and device, so loading needs about one model's size of memory.
@@ -16,133 +10,21 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
-from typing import Iterator, Optional
+import re
+import zipfile
+from typing import Iterator
 
 import torch
 import torch.nn as nn
 
-from .attention import check_backend
-from .config import PRESETS, GPT2Config
+from .config import GPT2Config
+from .dtypes import dtype_from_name, dtype_name
+from .files import SAFE_INDEX, SAFE_SINGLE, TORCH_BIN, CheckpointError, resolve
 
-BUNDLED_DIR = os.path.join(os.path.dirname(__file__), "assets", "models")
-SAFE_SINGLE, SAFE_INDEX, TORCH_BIN = "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"
 # HF's Conv1D layers store weight [in, out]; ours are nn.Linear [out, in]: transpose on read and write.
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # Buffers old checkpoints carry (the causal mask and its fill value); we rebuild neither.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded: the message names the file or tensor and what was expected."""
-
-
-@dataclass
-class Checkpoint:
-    source: str                 # what the user asked for
-    directory: str              # where the files are
-    config_file: str
-    weight_files: list[str]     # one safetensors, N shards, or one pytorch_model.bin
-
-
-def bundled_models() -> list[str]:
-    if not os.path.isdir(BUNDLED_DIR):
-        return []
-    return sorted(d for d in os.listdir(BUNDLED_DIR) if os.path.isfile(os.path.join(BUNDLED_DIR, d, "config.json")))
-
-
-def _looks_like_path(name: str) -> bool:
-    return name.startswith((os.sep, ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
-
-
-def _local_weight_files(directory: str) -> Optional[list[str]]:
-    if os.path.isfile(os.path.join(directory, SAFE_SINGLE)):
-        return [os.path.join(directory, SAFE_SINGLE)]
-    if os.path.isfile(os.path.join(directory, SAFE_INDEX)):
-        return _shards_from_index(os.path.join(directory, SAFE_INDEX))
-    if os.path.isfile(os.path.join(directory, TORCH_BIN)):
-        return [os.path.join(directory, TORCH_BIN)]
-    return None
-
-
-def _shards_from_index(index_file: str, fetch=None) -> list[str]:
-    try:
-        with open(index_file, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index_file} is not a valid safetensors index (needs a 'weight_map'): {e}") from None
-    directory = os.path.dirname(index_file)
-    files = []
-    for shard in sorted(set(weight_map.values())):
-        path = fetch(shard) if fetch else os.path.join(directory, shard)
-        if not os.path.isfile(path):
-            raise CheckpointError(f"{index_file} lists shard {shard!r}, which is missing from {directory}")
-        files.append(path)
-    return files
-
-
-def resolve(name_or_path: str, revision: Optional[str] = None) -> Checkpoint:
-    """Find config.json and the weight files for a directory, a bundled name or a hub id."""
-    name = os.fspath(name_or_path)
-    tried = []
-    if os.path.isdir(os.path.expanduser(name)):
-        directory = os.path.expanduser(name)
-        config_file = os.path.join(directory, "config.json")
-        files = _local_weight_files(directory)
-        if not os.path.isfile(config_file) or files is None:
-            raise CheckpointError(f"{directory} is not a GPT-2 checkpoint directory: it needs config.json and one of "
-                                  f"{SAFE_SINGLE}, {SAFE_INDEX} (+ shards) or {TORCH_BIN}; it has "
-                                  f"{sorted(os.listdir(directory))}")
-        return Checkpoint(name, directory, config_file, files)
-    tried.append(f"local directory {name!r}: does not exist")
-    if name in bundled_models():
-        directory = os.path.join(BUNDLED_DIR, name)
-        return Checkpoint(name, directory, os.path.join(directory, "config.json"), _local_weight_files(directory))
-    tried.append(f"bundled models {bundled_models()}: not among them")
-    if _looks_like_path(name):
-        raise CheckpointError(f"cannot load {name!r}: " + "; ".join(tried))
-    return _resolve_hub(name, revision, tried)
-
-
-def _resolve_hub(repo_id: str, revision: Optional[str], tried: list[str]) -> Checkpoint:
-    try:
-        from huggingface_hub import hf_hub_download
-    except ImportError:  # pragma: no cover - it is a dependency
-        raise CheckpointError(f"cannot load {repo_id!r}: huggingface_hub is not installed") from None
-
-    def fetch(filename: str) -> str:
-        return hf_hub_download(repo_id, filename, revision=revision)
-
-    try:
-        config_file = fetch("config.json")
-    except Exception as e:  # offline, unknown repo, unknown revision, no network: say which
-        tried.append(f"Hugging Face hub id {repo_id!r}{f' at revision {revision!r}' if revision else ''}: "
-                     f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-        hint = ("pass a local directory holding config.json and model.safetensors, a bundled model name, or a hub "
-                "id; without network access the hub files must already be in the huggingface_hub cache "
-                "(HF_HOME), e.g. downloaded on a connected machine with `huggingface-cli download " + repo_id + "`")
-        raise CheckpointError(f"cannot load {repo_id!r}:\n  - " + "\n  - ".join(tried) + f"\n{hint}") from None
-    errors = []
-    for filename in (SAFE_SINGLE, SAFE_INDEX, TORCH_BIN):
-        try:
-            path = fetch(filename)
-        except Exception as e:
-            errors.append(f"{filename}: {type(e).__name__}")
-            continue
-        files = _shards_from_index(path, fetch) if filename == SAFE_INDEX else [path]
-        return Checkpoint(repo_id, os.path.dirname(config_file), config_file, files)
-    raise CheckpointError(f"hub model {repo_id!r} has config.json but no weights could be fetched "
-                          f"({'; '.join(errors)})")
-
-
-def resolve_config_file(name_or_path: str, revision: Optional[str] = None) -> Optional[str]:
-    """config.json of a checkpoint; None for a preset name whose files cannot be fetched (use the preset)."""
-    try:
-        return resolve(name_or_path, revision).config_file
-    except CheckpointError:
-        if name_or_path in PRESETS:
-            return None
-        raise
 
 
 # ---- reading ------------------------------------------------------------------------------------
@@ -157,12 +39,15 @@ class _TensorSource:
                 from safetensors import safe_open
                 self._f = safe_open(path, framework="pt", device="cpu")
                 self._keys = list(self._f.keys())
-            else:  # weights_only: a pickle cannot run code; mmap: tensors stay on disk until used
-                self._sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            else:   # weights_only: a pickle cannot run code. mmap (tensors stay on disk until used) needs torch's
+                # zip format (torch >= 1.6); older .bin files are read whole, as transformers reads them
+                legacy = not zipfile.is_zipfile(path)
+                self._sd = torch.load(path, map_location="cpu", weights_only=True, mmap=not legacy)
                 self._keys = list(self._sd.keys())
         except Exception as e:
             raise CheckpointError(f"cannot read weight file {path}: {type(e).__name__}: {e} - the file is truncated "
-                                  "or corrupt; download or save it again") from None
+                                  "or corrupt, or (a .bin) holds objects other than tensors; download or save it "
+                                  "again") from None
 
     def keys(self) -> list[str]:
         return self._keys
@@ -185,39 +70,30 @@ def _canonical(key: str) -> str:
 
 
 def _resolve_dtype(dtype, checkpoint_dtype: torch.dtype) -> torch.dtype:
+    """None: float32 (as transformers); "auto": the checkpoint's own; else a name or torch dtype (dtypes.py)."""
     if dtype is None:
         return torch.float32
-    if dtype == "auto":
-        return checkpoint_dtype
-    if isinstance(dtype, str):
-        names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-                 "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-        if dtype not in names:
-            raise ValueError(f"dtype {dtype!r} is not one of {', '.join(names)}, 'auto' or a torch.dtype")
-        return names[dtype]
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating-point torch.dtype, a name or 'auto', got {dtype!r}")
-    return dtype
+    return checkpoint_dtype if dtype == "auto" else dtype_from_name(dtype)
 
 
-def load_pretrained(cls, name_or_path, dtype=None, device=None, attn_implementation="auto", revision=None):
-    check_backend(attn_implementation)
+def load_pretrained(cls, name_or_path, dtype=None, device=None, revision=None) -> nn.Module:
+    """A `cls(config)` (any module taking a GPT2Config, built on the meta device) filled from the checkpoint that
+    `name_or_path` names (files.resolve), in eval mode, as transformers returns it."""
     ckpt = resolve(name_or_path, revision)
     config = GPT2Config.from_json_file(ckpt.config_file)
     with torch.device("meta"):
         model = cls(config)
     load_weights(model, ckpt.weight_files, dtype=dtype, device=device)
-    model.set_attn_implementation(attn_implementation)
     model.name_or_path = ckpt.source
     return model.eval()  # as transformers: dropout off until .train()
 
 
 def load_weights(model: nn.Module, files: list[str], dtype=None, device=None) -> None:
     """Fill `model`'s parameters (meta or real) from HF weight files, strictly; see the module doc."""
-    from .model import GPT2Model
     config = model.config
     expected = {_canonical(n): n for n, _ in model.named_parameters()}  # canonical -> our name
-    head_optional = isinstance(model, GPT2Model) or config.tie_word_embeddings
+    # a checkpoint's lm_head.weight is skipped when it is wte itself (tied) or the model has no head (GPT2Model)
+    head_optional = "lm_head.weight" not in expected or config.tie_word_embeddings
     if head_optional:
         expected.pop("lm_head.weight", None)
     params = dict(model.named_parameters())
@@ -300,20 +176,38 @@ def hf_state_dict(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, t.detach()
 
 
+def check_saveable(model: nn.Module) -> None:
+    """Refuse a model that a plain checkpoint cannot represent. A module says so itself with a class attribute
+    `checkpoint_refusal`: a sentence on what to do instead (lora.LoRALinear sets one: its keys, base_layer and
+    lora_A/B, would make a checkpoint that neither nanogpt2 nor transformers loads as a GPT-2)."""
+    refusing = [(name, m.checkpoint_refusal) for name, m in model.named_modules()
+                if getattr(m, "checkpoint_refusal", None)]
+    if refusing:
+        names = ", ".join(name for name, _ in refusing[:3]) + (", ..." if len(refusing) > 3 else "")
+        raise ValueError(f"cannot save a plain checkpoint of this model ({names}): {refusing[0][1]}")
+
+
+# model-00001-of-00003.safetensors: the shard names transformers and save_pretrained below write
+SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+def _remove_previous_save(save_directory: str) -> None:
+    """Delete the weight files a previous save left (any format, any shard count), so the directory holds exactly
+    the new checkpoint: a stale shard beside a new index would be loaded by nobody yet look like part of it."""
+    for name in os.listdir(save_directory):
+        if name in (SAFE_SINGLE, SAFE_INDEX, TORCH_BIN) or SHARD_NAME.fullmatch(name):
+            os.remove(os.path.join(save_directory, name))
+
+
 def save_pretrained(model: nn.Module, save_directory, max_shard_size="5GB") -> None:
     from safetensors.torch import save_file
 
-    from .lora import lora_modules
-    adapters = list(lora_modules(model))
-    if adapters:   # their keys (c_attn.base_layer.weight, lora_A ...) would make a checkpoint nobody can load
-        raise ValueError(f"the model has unmerged LoRA adapters ({', '.join(adapters[:3])}"
-                         f"{', ...' if len(adapters) > 3 else ''}): call nanogpt2.lora.merge_lora(model) first to "
-                         "save a plain checkpoint, or nanogpt2.lora.save_adapter(model, dir) to save the adapters")
+    check_saveable(model)
     limit = _parse_size(max_shard_size)
     os.makedirs(save_directory, exist_ok=True)
     config = model.config.to_dict()
     config["architectures"] = [type(model).__name__]
-    config["dtype"] = str(model.dtype).replace("torch.", "")
+    config["dtype"] = dtype_name(model.dtype)
     with open(os.path.join(save_directory, "config.json"), "w", encoding="utf-8") as f:
         json.dump(dict(sorted(config.items())), f, indent=2)
         f.write("\n")
@@ -327,9 +221,7 @@ def save_pretrained(model: nn.Module, save_directory, max_shard_size="5GB") -> N
         current.append((name, t))
         size += nbytes
     shards.append(current)
-    for stale in (SAFE_SINGLE, SAFE_INDEX, TORCH_BIN):  # never leave an older format next to the new one
-        if os.path.exists(os.path.join(save_directory, stale)):
-            os.remove(os.path.join(save_directory, stale))
+    _remove_previous_save(save_directory)
 
     if len(shards) == 1:
         save_file({n: t.contiguous() for n, t in shards[0]}, os.path.join(save_directory, SAFE_SINGLE),

@@ -7,16 +7,10 @@ distributions peaky (top token ~0.8-0.99), so equal tokens are a real test of eq
 """
 import torch
 
-from nanogpt2 import GPT2LMHeadModel
+from nanogpt2 import GPT2LMHeadModel, compiled
+from nanogpt2.reference import hf_quiet
 
 TINY = dict(vocab_size=101, n_positions=64, n_embd=32, n_layer=2, n_head=4, initializer_range=0.7)
-
-
-def hf_quiet():
-    import transformers
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    return transformers
 
 
 def peaky_pair(directory, seed=0, **config):
@@ -45,3 +39,16 @@ def left_padded(vocab_size, B=3, T=7, pads=(0, 3, 6), pad_id=2, seed=0):
     for b, n in enumerate(pads):
         mask[b, :n] = 0
     return ids.masked_fill(mask == 0, pad_id), mask
+
+
+def run_compiled_step_eagerly(monkeypatch, calls=None):
+    """generate(compile=True) with its fixed-shape step run eagerly: the same code path without a compile, in
+    seconds (test_compiled_decode compiles for real). Each call gets a fresh owner, so no eager step stays
+    attached to a model; `calls`, a list, records the model of each step made."""
+    monkeypatch.setattr(compiled, "_compile", lambda fn, frozen: fn)
+
+    def fresh(model):
+        if calls is not None:
+            calls.append(model)
+        return compiled.CompiledDecode(model)
+    monkeypatch.setattr(compiled, "compiled_decode", fresh)

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from helpers_generation import run_compiled_step_eagerly
 from nanogpt2 import GPT2Config, GPT2LMHeadModel, get_tokenizer
 from nanogpt2.__main__ import main
 from nanogpt2.cli_generate import TextStream, add_arguments, run
@@ -85,14 +86,8 @@ def test_text_is_flushed_as_tokens_arrive(checkpoint, expected):
 
 
 def test_compile_flag_runs_the_compiled_step(checkpoint, expected, monkeypatch):
-    from nanogpt2 import generation
     steps = []
-
-    def eager_static_step(model):   # CompiledStep's own function, run eagerly (a real compile: test_compiled_decode)
-        steps.append(model)
-        return generation._static_step
-
-    monkeypatch.setattr(generation, "_compiled", eager_static_step)
+    run_compiled_step_eagerly(monkeypatch, steps)   # a real compile: test_compiled_decode
     out = io.StringIO()
     assert run(parse("--model", checkpoint, "--prompt", PROMPT, "--max-new-tokens", str(N), "--compile"), out) == 0
     assert steps and out.getvalue() == PROMPT + expected + "\n"

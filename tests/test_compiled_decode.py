@@ -1,4 +1,4 @@
-"""generate(compile=True): the fixed-shape decode step (generation.CompiledStep) gives transformers' tokens.
+"""generate(compile=True): the fixed-shape decode step (compiled.py) gives transformers' tokens.
 
 The fixed-shape logic (StaticSlot writes at a tensor position, AttentionMask.static_decode masks the whole
 buffer) is checked eagerly against transformers for every generation case; one test then really compiles it
@@ -9,8 +9,8 @@ import copy
 import pytest
 import torch
 
-from helpers_generation import hf_generate
-from nanogpt2 import generation
+from helpers_generation import hf_generate, run_compiled_step_eagerly
+from nanogpt2 import compiled, generation
 from nanogpt2.attention import AttentionMask
 
 from test_generation import CASES, NEW, batch, models, resolve  # noqa: F401  (fixtures)
@@ -19,7 +19,7 @@ from test_generation import CASES, NEW, batch, models, resolve  # noqa: F401  (f
 @pytest.fixture
 def eager_static_step(monkeypatch):
     """CompiledStep with its fixed-shape function run eagerly (no compile): the same code path, in seconds."""
-    monkeypatch.setattr(generation, "_compiled", lambda model: generation._static_step)
+    run_compiled_step_eagerly(monkeypatch)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -65,7 +65,7 @@ def test_really_compiled_step_matches(models, batch):
         with pytest.warns(UserWarning, match="weights changed since"):
             got = ours.generate(ids, attention_mask=mask, max_new_tokens=NEW, compile=True)
         assert torch.equal(got, hf_generate(hf, ids, mask, max_new_tokens=NEW))
-        assert generation._FROZEN[ours] is None   # not frozen again: frozen graphs are never freed
+        assert ours.compiled_decode.frozen_state is None   # not frozen again: frozen graphs are never freed
     finally:
         with torch.no_grad():
             ours.transformer.h[0].mlp.c_fc.weight.div_(1.5)
@@ -115,5 +115,5 @@ def test_cache_lengths_are_bucketed_only_when_compiling(models):
     ours = models[1]   # n_positions 64
     assert generation.cache_length(ours, 10, generation.GenerationConfig()) == 10
     on = generation.GenerationConfig(compile=True)
-    assert generation.cache_length(ours, 10, on) == min(64, generation.COMPILE_BUCKET)
+    assert generation.cache_length(ours, 10, on) == min(64, compiled.COMPILE_BUCKET)
     assert generation.cache_length(ours, 64, on) == 64

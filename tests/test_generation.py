@@ -4,7 +4,7 @@ argument. The checkpoint has peaky logits (helpers_generation.py) so token equal
 import pytest
 import torch
 
-from helpers_generation import hf_generate, left_padded, peaky_pair
+from helpers_generation import hf_generate, left_padded, peaky_pair, run_compiled_step_eagerly
 from nanogpt2.generation import generate, stream
 
 NEW = 12
@@ -254,7 +254,7 @@ def test_bad_inputs(models, batch):
     ids, mask, _ = batch
     with pytest.raises(ValueError, match=r"token id 101 out of range \[0, 101\)"):
         generate(ours, torch.tensor([[5, 101]]))
-    with pytest.raises(ValueError, match=r"attention_mask must be \(B, T\) = \(3, 7\)"):
+    with pytest.raises(ValueError, match=r"attention_mask must be 2-D \(B, T\) = \(3, 7\)"):
         generate(ours, ids, mask[:, 1:])
     right = mask.flip(1)
     with pytest.raises(ValueError, match=r"row 1 is not left-padded .*padding_side='left'"):
@@ -280,8 +280,7 @@ def test_model_generate_method_delegates(models, batch):
 def test_module_forward_hooks_fire_for_every_token(models, compile, monkeypatch):
     """generate() normally bypasses forward per token (model.decode_step); torch hooks on the model must still
     see one forward per token, as with transformers."""
-    from nanogpt2 import generation
-    monkeypatch.setattr(generation, "_compiled", lambda model: generation._static_step)   # no real compile
+    run_compiled_step_eagerly(monkeypatch)   # no real compile
     ours = models[1]
     calls = []
     handles = [ours.register_forward_hook(lambda m, a, kw, out: calls.append(kw.get("past_key_values")),

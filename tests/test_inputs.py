@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from nanogpt2 import GPT2Config, GPT2LMHeadModel
+from nanogpt2.attention import _kernels
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +50,7 @@ def test_one_dimensional_input_is_a_batch_of_one(model):
 
 
 def test_triton_backend_on_cpu_without_interpreter_is_refused(model, monkeypatch):
+    _kernels()   # imported under the suite's TRITON_INTERPRET=1, which the kernels read once, at import
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     model.set_attn_implementation("triton")
     try:

@@ -158,7 +158,7 @@ def test_save_pretrained_refuses_unmerged_adapters(hf_checkpoint, tmp_path):
     path, _ = hf_checkpoint()
     model = GPT2LMHeadModel.from_pretrained(path)
     apply_lora(model, r=4, alpha=8, target_modules=("c_attn", "c_fc"))
-    with pytest.raises(ValueError, match="unmerged LoRA adapters .*merge_lora.*save_adapter"):
+    with pytest.raises(ValueError, match="unmerged LoRA adapters.*merge_lora.*save_adapter"):
         model.save_pretrained(tmp_path / "plain")
     assert not (tmp_path / "plain" / "model.safetensors").exists()
     merge_lora(model)

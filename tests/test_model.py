@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nanogpt2 import GPT2Config, GPT2LMHeadModel, GPT2Model
-from nanogpt2.model import positions_from_mask
+from nanogpt2.attention import positions_from_mask
 from nanogpt2.weights import CONV1D_SUFFIXES
 
 ATOL = 1e-4

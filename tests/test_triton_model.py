@@ -11,7 +11,7 @@ from helpers_generation import left_padded
 from nanogpt2 import GPT2Config, GPT2LMHeadModel
 from nanogpt2.attention import _kernels
 
-pytestmark = pytest.mark.skipif(_kernels() is None, reason="triton is not importable here")
+pytestmark = pytest.mark.skipif(_kernels() is None, reason="the triton package is not installed here")
 
 TINY = dict(vocab_size=101, n_positions=48, n_embd=32, n_layer=2, n_head=2, initializer_range=0.5,
             attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)   # head_dim 16; no dropout: comparable gradients

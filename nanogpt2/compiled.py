@@ -1,0 +1,163 @@
+"""generate(compile=True): a fixed-shape decode step, run through torch.compile, and the object that owns it.
+
+    owner = compiled_decode(model)          # model.compiled_decode: made on first use, one per model
+    step = owner.step(cache, kv_start)      # CompiledStep for one generate() call
+    logits = step(token, mask)              # (N,) -> (N, V) fp32, as generation.decode_one_token
+
+The step never changes a shape or a Python number from token to token: it attends over the whole cache buffer
+with a mask (AttentionMask.static_decode), writes its key/value at a position held in a tensor
+(cache.StaticSlot), and keeps the lengths in int32 tensors updated in place. So dynamo traces one graph (no
+breaks), per batch size and cache length; cache lengths are rounded up to multiples of COMPILE_BUCKET so that
+prompts of different lengths share it. The price of fixed shapes is reading the whole buffer every step.
+
+On CPU the weights are frozen into the graph (CPU_COMPILE_OPTIONS): constants that inductor prepacks, with its
+own C++ micro-GEMM picked by autotuning, which streams them at the machine's read bandwidth (BENCHMARKS.md).
+Frozen constants bring two rules, both kept by `CompiledDecode`:
+  - dynamo's guards do not look at tensor values, so a graph frozen for one model could run for another of
+    the same shape (or for this one after an optimizer step). Each model gets its own copy of _static_step's
+    code object (its own dynamo cache), and its weights are checked at every generate() call (_weights_state).
+  - torch never frees a frozen graph: dynamo keeps compiled code and its guards reachable for the life of the
+    process, and no public API releases them (a helper review measured ~3x the weight bytes retained per
+    freeze). That is the one place where state outlives its owner, forced by torch. So a model is frozen once:
+    after its weights change it warns and runs the shared step, whose weights are graph inputs (correct,
+    slower); `del model.compiled_decode` drops our reference, not torch's.
+On CUDA nothing is frozen: every model runs the shared step (one graph per shape, weights as inputs).
+Not done: CUDA-graph capture (mode="reduce-overhead" needs the cache at a static address reused across calls).
+"""
+from __future__ import annotations
+
+import types
+import warnings
+import weakref
+from typing import Callable, Optional
+
+import torch
+
+from .attention import AttentionMask
+from .cache import KVCache, StaticSlot
+from .packed import identity
+
+COMPILE_BUCKET = 128   # cache lengths are multiples of this (or n_positions), so nearby lengths share a graph
+
+# inductor's options for the frozen CPU step. max_autotune lets it pick its C++ micro-GEMM (CppMicroGemmFP32Vec)
+# over MKL/oneDNN where that is faster: for a decode step's GEMVs it streams the weights at 26-33 GB/s, oneDNN's
+# packed path at 18-24 and MKL's sgemm at ~12 on the 2-core machine of BENCHMARKS.md (read bandwidth ~33 GB/s).
+# Without freezing, weights are graph inputs and inductor can only call MKL on them. The price: the first compile
+# autotunes each matmul shape (20-60 s for 124M on 2 cores).
+CPU_COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                       "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}  # quiet
+
+
+def cache_length(n_positions: int, needed: int) -> int:
+    """Positions to preallocate for a compiled step: the next multiple of COMPILE_BUCKET, capped at n_positions."""
+    return min(n_positions, -(-needed // COMPILE_BUCKET) * COMPILE_BUCKET)
+
+
+def _static_step(model, tokens, seqlens, kv_start, slot):
+    """The traced function: tokens (N,), seqlens and kv_start int32 (N,) -> logits (N, V)."""
+    mask = AttentionMask.static_decode(seqlens, kv_start, slot.cache.max_len)
+    positions = (seqlens - 1 - kv_start).long()[:, None]   # a row's position counts its real tokens
+    return model.decode_step(tokens, positions, mask, slot)
+
+
+def _compile(fn: Callable, frozen: bool) -> Callable:
+    """torch.compile, with the frozen-weights options when `frozen` (the one call; tests replace it to run the
+    same step eagerly)."""
+    compiled = torch.compile(fn, dynamic=False)
+    if not frozen:
+        return compiled
+    from torch._inductor import config as inductor_config   # imported here: importing inductor takes seconds
+    options = {k: v for k, v in CPU_COMPILE_OPTIONS.items() if hasattr(inductor_config, k)}   # older torch
+
+    def with_options(*args):   # the options apply to the compiles a call may trigger (a new batch or bucket)
+        with inductor_config.patch(options):
+            return compiled(*args)
+    return with_options
+
+
+_shared: list[Callable] = []   # the shared step, compiled on first use; it holds no model
+
+
+def _shared_step() -> Callable:
+    """One torch.compile of _static_step for every model: weights are graph inputs, so changed weights are
+    simply read. CUDA uses this; so does a CPU model whose frozen weights went stale."""
+    if not _shared:
+        _shared.append(_compile(_static_step, frozen=False))
+    return _shared[0]
+
+
+def _weights_state(model) -> tuple:
+    """What a frozen graph depends on: each parameter's identity (packed.identity) and shape, and the sum of its
+    values (float64) for the edits no version counter sees (`p.data.mul_()`, inference tensors). One pass over
+    the weights per generate() call: about one decode step's worth of memory traffic."""
+    meta = tuple((*identity(p), p.shape) for p in model.parameters())
+    sums = torch.stack([p.detach().sum(dtype=torch.float64) for p in model.parameters()])
+    return meta, sums
+
+
+def _same_state(a: tuple, b: tuple) -> bool:
+    return a[0] == b[0] and torch.equal(a[1], b[1])
+
+
+class CompiledDecode:
+    """The compiled decode step of one model, and what it was compiled against (see the module doc)."""
+
+    def __init__(self, model):
+        self.model_ref = weakref.ref(model)   # whose step this is; a deepcopy of the model carries a stale one
+        self.device_type = model.device.type
+        self.frozen_state: Optional[tuple] = None   # the weights frozen into self.fn; None when not frozen
+        if self.device_type == "cpu":
+            own_code = types.FunctionType(_static_step.__code__.replace(), _static_step.__globals__, "_static_step")
+            self.fn = _compile(own_code, frozen=True)
+            self.frozen_state = _weights_state(model)
+        else:
+            self.fn = _shared_step()
+
+    def belongs_to(self, model) -> bool:
+        return self.model_ref() is model and self.device_type == model.device.type
+
+    def step(self, cache: KVCache, kv_start: Optional[torch.Tensor]) -> "CompiledStep":
+        """The step function for one generate() call. Checks first that the frozen weights are still the model's;
+        if not, warns once and runs the shared step from then on."""
+        model = self.model_ref()
+        if self.frozen_state is not None and not _same_state(self.frozen_state, _weights_state(model)):
+            self.frozen_state, self.fn = None, _shared_step()
+            warnings.warn("generate(compile=True): this model's weights changed since its decode step was compiled "
+                          "with frozen weights; it now runs a compiled step that reads the weights as inputs "
+                          "(correct, but on CPU slower than pack_weights). A model is frozen once per process: "
+                          "frozen graphs are never freed, so refreezing after every change would leak memory.",
+                          stacklevel=4)
+        return CompiledStep(model, self.fn, cache, kv_start)
+
+
+def compiled_decode(model) -> CompiledDecode:
+    """The model's CompiledDecode, kept as `model.compiled_decode` (an attribute you can see and delete); made on
+    first use, and again for a copy of the model or after a move between devices."""
+    owner = getattr(model, "compiled_decode", None)
+    if owner is None or not owner.belongs_to(model):
+        owner = CompiledDecode(model)
+        model.compiled_decode = owner
+    return owner
+
+
+class CompiledStep:
+    """One generate() call's fixed-shape step: (token (N,), mask) -> logits (N, V) fp32.
+
+    The padding mask argument is ignored: the step's mask is made from `seqlens` and `kv_start` (each row's
+    count of padding positions, int32 (N,)), which say the same thing in fixed-shape tensors."""
+
+    def __init__(self, model, fn: Callable, cache: KVCache, kv_start: Optional[torch.Tensor]):
+        N, dev = cache.batch_size, cache.k.device
+        self.model, self.fn, self.cache, self.slot = model, fn, cache, StaticSlot(cache)
+        self.seqlens = torch.zeros(N, dtype=torch.int32, device=dev)
+        self.kv_start = torch.zeros(N, dtype=torch.int32, device=dev) if kv_start is None else kv_start.clone()
+
+    def __call__(self, token: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        past = self.cache.length
+        if past >= self.cache.max_len:
+            raise ValueError(f"KV cache is full: {past} cached positions, max_len {self.cache.max_len}")
+        self.slot.write_at.fill_(past)
+        self.seqlens.fill_(past + 1)
+        logits = self.fn(self.model, token, self.seqlens, self.kv_start, self.slot)
+        self.cache.advance(1)
+        return logits.float()
