@@ -21,12 +21,12 @@ import time
 
 import torch
 
+from .dtypes import DTYPES, FLAG_CHOICES
 from .generation import GenerationConfig, generate, stream
 from .model import GPT2LMHeadModel
 from .tokenizer import get_tokenizer
 
 DEFAULTS = GenerationConfig()
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p")
 
 
@@ -51,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="seed for sampling: same seed, same text (default: unseeded)")
     p.add_argument("--stop", action="append", default=[], metavar="STRING",
                    help="stop before this text (not printed); repeat the flag for several")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="weights' dtype (default: %(default)s)")
+    p.add_argument("--dtype", choices=FLAG_CHOICES, default="float32", help="weights' dtype (default: %(default)s)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step: faster per token, after a compile of up to a minute "
                         "(worth it for long outputs; generate(compile=True))")

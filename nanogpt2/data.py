@@ -19,6 +19,7 @@ ranks read disjoint slices of the same global batch.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from typing import Optional
 
 import numpy as np
 import torch
+
+from .tokenizer import get_tokenizer
 
 TOKEN_DTYPE = np.uint16          # GPT-2's 50257 ids fit in 16 bits: half the disk of int32
 CHUNK_CHARS = 1 << 22            # characters read (and tokenized) at a time: ~4 MB of text
@@ -75,7 +78,6 @@ def tokenize_file(text_file: str, cache_dir: Optional[str] = None, chunk_chars: 
     so an interrupted run never leaves a truncated cache behind. `<|endoftext|>` in the text is read as
     plain text (encode_ordinary), never as the special token.
     """
-    from .tokenizer import get_tokenizer
     if not os.path.isfile(text_file):
         raise FileNotFoundError(f"training data {text_file!r} does not exist (pass --data PATH to a UTF-8 text file)")
     out = cache_path(text_file, cache_dir)
@@ -102,8 +104,15 @@ def tokenize_file(text_file: str, cache_dir: Optional[str] = None, chunk_chars: 
     return out
 
 
-def load_tokens(token_file: str) -> np.memmap:
-    """The flat token stream (N,) uint16, memory-mapped read-only."""
+def load_tokens(token_file: str) -> np.ndarray:
+    """The flat token stream (N,) uint16, memory-mapped read-only. An empty file (an empty text) is N = 0, an
+    empty array: mmap cannot map 0 bytes, and whoever needs tokens says how many (split_tokens)."""
+    n_bytes = os.path.getsize(token_file)
+    if n_bytes % np.dtype(TOKEN_DTYPE).itemsize:
+        raise ValueError(f"{token_file} has {n_bytes} bytes, not a whole number of {np.dtype(TOKEN_DTYPE).itemsize}-"
+                         f"byte tokens: not a complete token file (delete it to re-tokenize)")
+    if n_bytes == 0:
+        return np.empty(0, dtype=TOKEN_DTYPE)
     return np.memmap(token_file, dtype=TOKEN_DTYPE, mode="r")
 
 
@@ -123,18 +132,28 @@ class Split:
         return self.tokens[i * T: i * T + T + 1]
 
 
-def split_tokens(tokens: np.ndarray, val_fraction: float, block_size: int) -> tuple[Split, Split]:
-    """(train, val): val is the last `val_fraction` of the tokens, train everything before it."""
+def split_tokens(tokens: np.ndarray, val_fraction: float, block_size: int,
+                 source: str = "the data") -> tuple[Split, Split]:
+    """(train, val): val is the last `val_fraction` of the tokens, train everything before it. Each split
+    needs block_size + 1 tokens for one sequence (val only when val_fraction > 0); too few is a ValueError
+    naming `source` (the text file), the counts and what to change."""
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
-    n_val = int(round(len(tokens) * val_fraction))
-    train, val = Split(tokens[: len(tokens) - n_val], block_size), Split(tokens[len(tokens) - n_val:], block_size)
+        raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction!r}")
+    N, need = len(tokens), block_size + 1
+    if N < need:
+        raise ValueError(f"{source} has {N} tokens, fewer than block_size + 1 = {need} for one training sequence: "
+                         f"use more text" + (f" or a --block-size below {N}" if N >= 2 else ""))
+    n_val = int(round(N * val_fraction))
+    train, val = Split(tokens[: N - n_val], block_size), Split(tokens[N - n_val:], block_size)
     if train.num_sequences == 0:
-        raise ValueError(f"the training split has {len(train.tokens)} tokens, fewer than block_size + 1 = "
-                         f"{block_size + 1}: use more data, a smaller --block-size or a smaller --val-fraction")
+        raise ValueError(f"{source}: --val-fraction {val_fraction} holds out {n_val} of its {N} tokens, leaving "
+                         f"{N - n_val} to train on, fewer than block_size + 1 = {need}: use a --val-fraction of at "
+                         f"most {math.floor((N - need) / N * 1e4) / 1e4:g}, a smaller --block-size, or more text")
     if val_fraction > 0 and val.num_sequences == 0:
-        raise ValueError(f"the validation split has {len(val.tokens)} tokens, fewer than block_size + 1 = "
-                         f"{block_size + 1}: use more data, a smaller --block-size or a larger --val-fraction")
+        fix = f"a --val-fraction of at least {math.ceil(need / N * 1e4) / 1e4:g}, " if 2 * need <= N else ""
+        raise ValueError(f"{source}: --val-fraction {val_fraction} holds out {n_val} of its {N} tokens for "
+                         f"validation, fewer than block_size + 1 = {need}: use {fix}--val-fraction 0 (no "
+                         f"validation), a smaller --block-size, or more text")
     return train, val
 
 
@@ -147,6 +166,9 @@ class SequenceSampler:
     """
 
     def __init__(self, split: Split, seed: int, shuffle: bool = True):
+        if split.num_sequences == 0:  # else index() would divide by zero
+            raise ValueError(f"a split of {len(split.tokens)} tokens has no sequence of block_size + 1 = "
+                             f"{split.block_size + 1} tokens to sample")
         self.split, self.seed, self.shuffle = split, seed, shuffle
         self._epoch, self._perm = -1, None
 

@@ -11,7 +11,7 @@ import torch
 import nanogpt2
 from nanogpt2 import GPT2LMHeadModel, get_tokenizer
 from nanogpt2.data import unigram_cross_entropy
-from nanogpt2.train import sliding_window_perplexity
+from nanogpt2.perplexity import sliding_window_perplexity
 
 from conftest import hf_quiet
 

@@ -1,4 +1,4 @@
-"""Sliding-window perplexity (nanogpt2.train.sliding_window_perplexity, tools/eval_perplexity.py) equals what
+"""Sliding-window perplexity (nanogpt2.perplexity.sliding_window_perplexity, tools/eval_perplexity.py) equals what
 transformers computes with the recipe of https://huggingface.co/docs/transformers/perplexity."""
 import os
 import runpy
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nanogpt2 import GPT2LMHeadModel, get_tokenizer
-from nanogpt2.train import sliding_window_perplexity
+from nanogpt2.perplexity import sliding_window_perplexity
 
 from conftest import hf_quiet
 
@@ -72,3 +72,18 @@ def test_tool_on_a_text_file_matches_transformers(hf_checkpoint, tmp_path, capsy
     ids = torch.tensor(get_tokenizer().encode_ordinary(text))
     assert len(ids) > 48  # several windows
     assert ppl == pytest.approx(hf_recipe_perplexity(hf, ids, 48, 20), rel=1e-5)
+
+
+def test_tool_refuses_too_few_tokens_naming_the_file(hf_checkpoint, tmp_path):
+    """An empty file, or a --val-fraction whose part of the file has under 2 tokens, is an error that names the file
+    and the token range (not numpy's "cannot mmap an empty file")."""
+    path, _ = hf_checkpoint(vocab_size=50257, n_embd=16, n_head=2, n_positions=48)
+    tool = runpy.run_path(os.path.join(REPO, "tools", "eval_perplexity.py"), run_name="eval_perplexity")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    with pytest.raises(SystemExit, match=f"{empty}: tokens 0..0 of its 0 are 0 tokens; scoring needs at least 2"):
+        tool["main"](["--model", path, "--data", str(empty), "--cache-dir", str(tmp_path / "c")])
+    short = tmp_path / "short.txt"
+    short.write_text(" the to of and is on that for he it", encoding="utf-8")  # 10 tokens: the last 10% is 1
+    with pytest.raises(SystemExit, match=f"{short}: tokens 9..10 of its 10 are 1 tokens"):
+        tool["main"](["--model", path, "--data", str(short), "--val-fraction", "0.1", "--cache-dir", str(tmp_path / "c")])

@@ -26,14 +26,20 @@ def linears(model):
     return [m for m in model.modules() if type(m) is torch.nn.Linear]
 
 
+def packed_layers(model):
+    return [m for m in model.modules() if isinstance(m, packed.PackedLinear)]
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-2)])
 def test_packed_logits_match_plain(model, dtype, tol):
     model = model.to(dtype)
     ids = torch.randint(0, 101, (3, 9))
     with torch.no_grad():
         ref = model(ids).logits.float()
-        with packed_linears(model) as layers:
-            assert len(layers) == len(linears(model)) == 4 * 2 + 1   # 4 per block + lm_head
+        n_linear = len(linears(model))
+        with packed_linears(model) as swaps:
+            assert len(swaps) == len(packed_layers(model)) == n_linear == 4 * 2 + 1   # 4 per block + lm_head
+            assert linears(model) == []
             got = model(ids).logits.float()
     assert (got - ref).abs().max().item() <= tol * ref.abs().max().item()
 
@@ -42,7 +48,7 @@ def test_layers_are_restored_on_exit_even_on_error(model):
     with pytest.raises(RuntimeError, match="boom"):
         with packed_linears(model):
             raise RuntimeError("boom")
-    assert all("forward" not in vars(m) for m in linears(model))
+    assert packed_layers(model) == [] and len(linears(model)) == 9
 
 
 def test_gradients_bypass_the_packed_copy(model):
@@ -78,9 +84,9 @@ def test_nested_blocks_pack_once(model):
     with packed_linears(model) as outer:
         with packed_linears(model) as inner:
             assert inner == []
-        assert all("forward" in vars(m) for m in outer)   # the inner exit left the outer packing alone
+        assert len(packed_layers(model)) == len(outer) == 9   # the inner exit left the outer packing alone
     unpack(pack(model))
-    assert all("forward" not in vars(m) for m in linears(model))
+    assert packed_layers(model) == [] and len(linears(model)) == 9
 
 
 def test_generate_packs_and_gives_the_same_tokens(model):
@@ -90,7 +96,7 @@ def test_generate_packs_and_gives_the_same_tokens(model):
     assert torch.equal(model.generate(ids, max_new_tokens=12, pack_weights=True), plain)
     assert torch.equal(model.generate(ids, max_new_tokens=8, num_beams=3, pack_weights=True),
                        model.generate(ids, max_new_tokens=8, num_beams=3, pack_weights=False))
-    assert all("forward" not in vars(m) for m in linears(model))
+    assert packed_layers(model) == []
 
 
 def test_pack_weights_must_be_a_bool_or_none(model):
@@ -103,8 +109,8 @@ def test_small_layers_are_left_alone_by_default(model, monkeypatch):
     with packed_linears(model) as layers:
         assert layers == []
     big = GPT2LMHeadModel(GPT2Config(vocab_size=2048, n_positions=16, n_embd=256, n_layer=1, n_head=4))
-    with packed_linears(big) as layers:
-        assert [m.weight.shape for m in layers] == [torch.Size([2048, 256])]   # only lm_head has 2**19 weights
+    with packed_linears(big) as swaps:
+        assert [s.linear.weight.shape for s in swaps] == [torch.Size([2048, 256])]   # only lm_head has 2**19
 
 
 @pytest.mark.parametrize("change", ["data", "assign", "to-bf16"])
@@ -134,3 +140,43 @@ def test_model_built_under_inference_mode_generates_packed():
     ids = torch.randint(0, 101, (2, 6))
     plain = model.generate(ids, max_new_tokens=8, pack_weights=False)
     assert torch.equal(model.generate(ids, max_new_tokens=8, pack_weights=True), plain)
+
+
+def test_a_copy_taken_inside_the_block_is_a_plain_model_with_its_own_weights(model):
+    """A deepcopy mid-generation (e.g. from a streamer callback) must compute with the copy's weights, never
+    through the original's packed ones, and stay an ordinary model after the block."""
+    import copy
+    ids = torch.randint(0, 101, (1, 5))
+    with torch.no_grad(), packed_linears(model):
+        clone = copy.deepcopy(model)
+        for p in clone.parameters():
+            p.mul_(0.5)
+        got = clone(ids).logits
+        original = model(ids).logits
+    assert packed_layers(clone) == [] and len(linears(clone)) == 9
+    assert clone.lm_head.weight is clone.transformer.wte.weight            # the tie survives the copy
+    with torch.no_grad():
+        torch.testing.assert_close(got, clone(ids).logits)
+        torch.testing.assert_close(original, model(ids).logits, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, original)
+
+
+def test_layers_with_torch_hooks_are_not_packed(model):
+    """A stand-in module would skip the Linear's own hooks: such a layer keeps its Linear, and its hook fires."""
+    calls = []
+    layer = model.transformer.h[0].attn.c_attn
+    handle = layer.register_forward_hook(lambda m, a, out: calls.append(out.shape))
+    try:
+        with torch.no_grad(), packed_linears(model) as swaps:
+            assert layer not in [s.linear for s in swaps] and len(swaps) == 8
+            assert model.transformer.h[0].attn.c_attn is layer
+            model(torch.tensor([[1, 2, 3]]))
+    finally:
+        handle.remove()
+    assert calls == [torch.Size([1, 3, 96])]
+
+
+def test_state_dict_names_are_unchanged_inside_the_block(model):
+    names = list(model.state_dict())
+    with packed_linears(model):
+        assert list(model.state_dict()) == names

@@ -1,7 +1,11 @@
-"""Training (nanogpt2/train.py, nanogpt2/data.py, tools/train.py): tokenization cache, the command line built
-from TrainConfig, optimizer groups and schedule, bitwise resume (plain and after Ctrl-C), LoRA runs, and the
-activation memory gradient checkpointing saves. Tiny models (2 layers, width 32) on a few KB of text."""
+"""Training (nanogpt2/train.py and the modules it builds on: data, optim, loss, checkpoint, memory; tools/train.py):
+tokenization cache, clear errors on too little data, the command line built from TrainConfig, optimizer groups and
+schedule, bitwise resume (plain and after Ctrl-C) from a state file loaded with weights_only=True, refusal of a
+state file carrying a pickle payload, LoRA runs, and the activation memory gradient checkpointing saves. Tiny
+models (2 layers, width 32) on a few KB of text."""
 import os
+import random
+import re
 import signal
 import subprocess
 import sys
@@ -13,10 +17,13 @@ import torch
 from safetensors.torch import load_file
 
 import nanogpt2
-from nanogpt2 import GPT2Config, GPT2LMHeadModel, get_tokenizer
-from nanogpt2.data import SequenceSampler, load_tokens, split_tokens, tokenize_file, unigram_cross_entropy
-from nanogpt2.train import (STATE_FILE, TrainConfig, WarmupCosine, autocast_dtype, build_optimizer, build_parser,
-                            cpu_has_native_bf16, parse_args, saved_activation_bytes, train)
+from nanogpt2 import CheckpointError, GPT2Config, GPT2LMHeadModel, get_tokenizer
+from nanogpt2.checkpoint import STATE_FILE, rng_state, set_rng_state
+from nanogpt2.data import SequenceSampler, Split, load_tokens, split_tokens, tokenize_file, unigram_cross_entropy
+from nanogpt2.loss import autocast_dtype, cpu_has_native_bf16
+from nanogpt2.memory import saved_activation_bytes
+from nanogpt2.optim import WarmupCosine, build_optimizer
+from nanogpt2.train import TrainConfig, build_parser, parse_args, train
 
 from conftest import hf_quiet
 
@@ -33,7 +40,6 @@ VOCAB = 512
 
 def text_file(tmp_path, sentences=64, name="data.txt"):
     """Eight made-up sentences in a seeded random order, one per line: ~430 tokens, all ids < VOCAB."""
-    import random
     rng = random.Random(0)
     pool = ["".join(rng.choice(WORDS) for _ in range(rng.randint(4, 9))) + "\n" for _ in range(8)]
     text = "".join(rng.choice(pool) for _ in range(sentences))
@@ -65,14 +71,13 @@ def assert_bitwise_equal(a: dict, b: dict):
 
 def scramble_rngs():
     """A resumed run must restore every RNG from the checkpoint, not inherit this process's state."""
-    import random
     torch.manual_seed(12345)
     np.random.seed(12345)
     random.seed(12345)
 
 
 def optimizer_tensors(out_dir):
-    state = torch.load(os.path.join(out_dir, STATE_FILE), weights_only=False)
+    state = torch.load(os.path.join(out_dir, STATE_FILE), weights_only=True)  # plain data: no pickled objects
     return {f"{i}.{k}": v for i, s in state["optimizer"]["state"].items() for k, v in s.items()}
 
 
@@ -112,6 +117,44 @@ def test_split_sampler_and_unigram(tmp_path):
     assert abs(ce - np.log(64)) < 0.01
 
 
+def test_too_little_data_is_a_clear_error(tmp_path):
+    """An empty or too-short text, or a --val-fraction that leaves a split without one sequence of block_size + 1
+    tokens, stops the run with a ValueError naming the file, the counts and what would work (not numpy's "cannot
+    mmap an empty file" or a ZeroDivisionError from the sampler)."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    with pytest.raises(ValueError, match=re.escape(f"{empty} has 0 tokens, fewer than block_size + 1 = 33")):
+        train(tiny_cfg(tmp_path, data=str(empty)))
+    short = tmp_path / "short.txt"
+    short.write_text(" the to of and is on that for he it", encoding="utf-8")  # 10 one-token words
+    with pytest.raises(ValueError, match=re.escape(f"{short} has 10 tokens, fewer than block_size + 1 = 33 for one "
+                                                   f"training sequence: use more text or a --block-size below 10")):
+        train(tiny_cfg(tmp_path, data=str(short)))
+
+    cfg = tiny_cfg(tmp_path)
+    tokens = load_tokens(tokenize_file(cfg.data, cfg.cache_dir, verbose=False))
+    n = len(tokens)
+    with pytest.raises(ValueError, match=re.escape(f"{cfg.data}: --val-fraction 0.01 holds out {round(n * 0.01)} of its "
+                                                   f"{n} tokens for validation, fewer than block_size + 1 = 33")) as e:
+        train(tiny_cfg(tmp_path, val_fraction=0.01))
+    at_least = float(re.search(r"a --val-fraction of at least ([\d.]+)", str(e.value)).group(1))
+    assert split_tokens(tokens, at_least, 32)[1].num_sequences == 1  # the value the message proposes works
+    with pytest.raises(ValueError, match=re.escape(f"{cfg.data}: --val-fraction 0.95 holds out {round(n * 0.95)} of "
+                                                   f"its {n} tokens, leaving {n - round(n * 0.95)} to train on")) as e:
+        train(tiny_cfg(tmp_path, val_fraction=0.95))
+    at_most = float(re.search(r"a --val-fraction of at most ([\d.]+)", str(e.value)).group(1))
+    assert split_tokens(tokens, at_most, 32)[0].num_sequences == 1
+    with pytest.raises(ValueError, match=r"--val-fraction must be in \[0, 1\), got 1.0"):
+        TrainConfig(data="x", val_fraction=1.0)
+
+    with pytest.raises(ValueError, match=r"a split of 5 tokens has no sequence of block_size \+ 1 = 11"):
+        SequenceSampler(Split(np.arange(5, dtype=np.uint16), block_size=10), seed=0)
+    torn = tmp_path / "torn.uint16"
+    torn.write_bytes(b"\x00\x01\x02")  # one and a half uint16 tokens: an interrupted copy
+    with pytest.raises(ValueError, match=re.escape(f"{torn} has 3 bytes, not a whole number of 2-byte tokens")):
+        load_tokens(str(torn))
+
+
 # ---- configuration --------------------------------------------------------------------------------
 
 def test_command_line_is_built_from_the_dataclass():
@@ -134,14 +177,16 @@ def test_command_line_is_built_from_the_dataclass():
 
 def test_autocast_choice():
     cpu = torch.device("cpu")
-    assert autocast_dtype(TrainConfig(data="x", dtype="float32"), cpu) is None
-    assert autocast_dtype(TrainConfig(data="x", dtype="bfloat16"), cpu) is torch.bfloat16
-    assert autocast_dtype(TrainConfig(data="x"), cpu) is (torch.bfloat16 if cpu_has_native_bf16() else None)
+    assert autocast_dtype("float32", cpu) is None
+    assert autocast_dtype("bfloat16", cpu) is torch.bfloat16
+    assert autocast_dtype(TrainConfig(data="x").dtype, cpu) is (torch.bfloat16 if cpu_has_native_bf16() else None)
+    with pytest.raises(ValueError, match="--dtype 'float16' is not one of auto, float32, bfloat16"):
+        autocast_dtype("float16", cpu)
 
 
 def test_optimizer_decays_2d_weights_only():
     model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2))
-    opt = build_optimizer(model, TrainConfig(data="x", weight_decay=0.1), torch.device("cpu"))
+    opt = build_optimizer(model, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, device=torch.device("cpu"))
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
@@ -196,7 +241,7 @@ def test_ctrl_c_saves_and_resume_matches_uninterrupted(tmp_path):
 
     result = train(cfg, on_step=ctrl_c)
     assert result.interrupted and result.step == 4
-    assert torch.load(os.path.join(cfg.out_dir, STATE_FILE), weights_only=False)["step"] == 4
+    assert torch.load(os.path.join(cfg.out_dir, STATE_FILE), weights_only=True)["step"] == 4
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     scramble_rngs()
     train(tiny_cfg(tmp_path, out_dir=str(tmp_path / "interrupted"), eval_interval=100, dtype="bfloat16", resume=True))
@@ -213,6 +258,59 @@ def test_resume_refuses_a_different_run(tmp_path):
     shakespeare.write_text("ROMEO: wherefore art thou\n" * 20, encoding="utf-8")
     with pytest.raises(ValueError, match=r"has token id \d+, out of range for vocab_size 512"):
         train(tiny_cfg(tmp_path, data=str(shakespeare), out_dir=str(tmp_path / "other")))
+
+
+def test_rng_states_are_plain_data_and_restore_every_generator(tmp_path):
+    """training_state.pt's RNG states load with weights_only=True and put torch, numpy and Python's random back
+    exactly where they were, cached Gaussians included."""
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    np.random.normal(), random.gauss(0, 1)  # each now holds the second Gaussian of a pair (has_gauss, gauss_next)
+    torch.save(rng_state(), tmp_path / "rng.pt")
+
+    def draws():
+        return (torch.rand(4).tolist(), torch.randn(2).tolist(), np.random.normal(size=3).tolist(),
+                np.random.randint(0, 1 << 30, 3).tolist(), random.gauss(0, 1), random.random())
+
+    expected = draws()
+    scramble_rngs()
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert draws() == expected
+
+
+def _leave_marker(path):
+    """A pickle payload's effect, harmless here: an attacker's state file would run anything it names."""
+    with open(path, "w") as f:
+        f.write("the payload ran")
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling calls _leave_marker(marker)
+        return _leave_marker, (str(self.marker),)
+
+
+def test_resume_refuses_a_state_file_with_a_pickle_payload(tmp_path):
+    cfg = tiny_cfg(tmp_path, max_steps=1)
+    train(cfg)
+    path = os.path.join(cfg.out_dir, STATE_FILE)
+    state = torch.load(path, weights_only=True)
+    marker = tmp_path / "payload-ran"
+    state["metrics"]["note"] = Payload(marker)  # a real run's state file, one object slipped in
+    torch.save(state, path)
+
+    with pytest.raises(CheckpointError) as e:
+        train(tiny_cfg(tmp_path, resume=True))
+    message = str(e.value)
+    assert f"refusing to load {path}" in message and "could run code" in message, message
+    assert "_leave_marker" in message, message  # what the file asked to call
+    assert "weights_only=False" not in message  # torch's advice to load it unsafely is not passed on
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # the payload is live: an unsafe load runs it
+    assert marker.read_text() == "the payload ran"
 
 
 def test_lora_run_saves_a_peft_adapter_and_a_merged_export(tmp_path, hf_checkpoint):
@@ -286,6 +384,6 @@ def test_script_runs_and_ctrl_c_exits_130_with_a_checkpoint(tmp_path):
     log = "".join(lines) + rest
     assert proc.returncode == 130, log
     assert "interrupted: saved step" in log
-    step = torch.load(out / STATE_FILE, weights_only=False)["step"]
+    step = torch.load(out / STATE_FILE, weights_only=True)["step"]
     assert 1 <= step < 100000
     assert GPT2LMHeadModel.from_pretrained(str(out)).config.n_embd == 16

@@ -12,38 +12,35 @@ https://huggingface.co/docs/transformers/perplexity (tests/test_eval_perplexity.
 """
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from nanogpt2 import GPT2LMHeadModel
 from nanogpt2.data import load_tokens, tokenize_file
-from nanogpt2.train import build_parser, sliding_window_perplexity
-
-
-def _opt(help, **kw):
-    return field(metadata={"help": help}, **kw)
+from nanogpt2.flags import dataclass_parser, flag
+from nanogpt2.perplexity import sliding_window_perplexity
 
 
 @dataclass
 class EvalConfig:
-    model: str = _opt("checkpoint: local HF directory, bundled model name or hub id", default="shakespeare-tiny")
-    data: str = _opt("UTF-8 text file to score (tokenized with the GPT-2 tokenizer, cached)", default="")
-    stride: int = _opt("tokens between window starts (each window scores at most this many new tokens)",
-                       default=512)
-    max_length: Optional[int] = _opt("window length in tokens (default: the model's n_positions)", default=None)
-    val_fraction: float = _opt("score only this last fraction of the tokens (0: the whole file; 0.1: the held-out "
-                               "split tools/train.py uses)", default=0.0)
-    max_tokens: Optional[int] = _opt("score at most this many tokens (from the start of the chosen part)",
-                                     default=None)
-    device: str = _opt("auto, cpu, cuda", default="auto")
-    dtype: str = _opt("weights dtype: float32, bfloat16, float16, auto (the checkpoint's)", default="float32")
-    cache_dir: Optional[str] = _opt("token cache directory (see tools/train.py)", default=None)
+    model: str = flag("checkpoint: local HF directory, bundled model name or hub id", default="shakespeare-tiny")
+    data: str = flag("UTF-8 text file to score (tokenized with the GPT-2 tokenizer, cached)", default="")
+    stride: int = flag("tokens between window starts (each window scores at most this many new tokens)",
+                      default=512)
+    max_length: Optional[int] = flag("window length in tokens (default: the model's n_positions)", default=None)
+    val_fraction: float = flag("score only this last fraction of the tokens (0: the whole file; 0.1: the held-out "
+                              "split tools/train.py uses)", default=0.0)
+    max_tokens: Optional[int] = flag("score at most this many tokens (from the start of the chosen part)",
+                                    default=None)
+    device: str = flag("auto, cpu, cuda", default="auto")
+    dtype: str = flag("weights dtype: float32, bfloat16, float16, auto (the checkpoint's)", default="float32")
+    cache_dir: Optional[str] = flag("token cache directory (see tools/train.py)", default=None)
 
 
 def main(argv=None) -> float:
-    cfg = EvalConfig(**vars(build_parser("tools/eval_perplexity.py", EvalConfig, __doc__.split("\n")[0])
+    cfg = EvalConfig(**vars(dataclass_parser(EvalConfig, "tools/eval_perplexity.py", __doc__.split("\n")[0])
                             .parse_args(argv)))
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = GPT2LMHeadModel.from_pretrained(cfg.model, dtype=cfg.dtype, device=device)
@@ -52,6 +49,9 @@ def main(argv=None) -> float:
         raise SystemExit(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
     start = len(tokens) - int(round(len(tokens) * cfg.val_fraction)) if cfg.val_fraction else 0
     end = len(tokens) if cfg.max_tokens is None else min(len(tokens), start + cfg.max_tokens)
+    if end - start < 2:  # the first token has no prediction to score
+        raise SystemExit(f"{cfg.data}: tokens {start:,}..{end:,} of its {len(tokens):,} are {end - start} tokens; "
+                         f"scoring needs at least 2 (more text, a larger --val-fraction or --max-tokens)")
     ids = torch.from_numpy(tokens[start:end].astype("int64"))
     t0 = time.perf_counter()
     ppl, nll, n = sliding_window_perplexity(model, ids, cfg.max_length, cfg.stride, progress=True)

@@ -6,7 +6,8 @@
     python tools/train.py ... --resume                                  # continue the run in --out-dir
 
 Every flag is a field of nanogpt2.train.TrainConfig (its defaults are there, once); the loop is
-nanogpt2.train.train. Ctrl-C saves a checkpoint and exits with status 130. See docs/TRAINING.md.
+nanogpt2.train.train, its checkpoints nanogpt2.checkpoint. Ctrl-C saves a checkpoint and exits with status 130.
+See docs/TRAINING.md.
 """
 import sys
 
