@@ -16,9 +16,7 @@ turned back into exactly the same states.
 from __future__ import annotations
 
 import os
-import pickle
 import random
-import re
 
 import numpy as np
 import torch
@@ -27,6 +25,7 @@ import torch.nn as nn
 from .lora import has_lora, merge_lora, save_adapter
 from .dtypes import dtype_from_name
 from .files import CheckpointError
+from .weights import load_plain_data
 
 STATE_FILE = "training_state.pt"
 
@@ -93,17 +92,10 @@ def load_training_state(out_dir: str) -> dict:
         raise FileNotFoundError(f"--resume: no {STATE_FILE} in {out_dir!r}; train without --resume first, or point "
                                 f"--out-dir at the run to continue")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # weights_only's refusal: the file asks to build a non-data object
-        # torch's message advises weights_only=False, the one thing not to do with a file of unknown origin;
-        # pass on only what the file asked for (pickle's GLOBAL opcode names the function or class to call).
-        named = re.search(r"GLOBAL (\S+)", str(e))
-        detail = f"it names {named.group(1)}" if named else f"torch: {e}"
-        raise CheckpointError(
-            f"--resume: refusing to load {path}: it holds pickled Python objects, not only tensors, numbers, "
-            f"strings, lists and dicts ({detail}), and loading them could run code from the file. nanogpt2 writes "
-            f"plain data only; a state file from an older nanogpt2 or from elsewhere cannot be resumed: start the "
-            f"run again without --resume") from None
+        return load_plain_data(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"--resume: {e}. nanogpt2 writes plain data only; a state file from an older nanogpt2 "
+                              "or from elsewhere cannot be resumed: start the run again without --resume") from None
 
 
 def export_checkpoint(model: nn.Module, directory: str, dtype: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import zipfile
 from typing import Iterator
@@ -29,6 +30,21 @@ IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
 # ---- reading ------------------------------------------------------------------------------------
 
+def load_plain_data(path: str, mmap: bool = False):
+    """torch.load(path) of tensors, numbers, strings, lists and dicts only (weights_only=True), on CPU. A file whose
+    pickle asks to build any other object is refused with a CheckpointError naming the file and what it asked
+    for, before that object is built: code a file carries never runs. (torch's own message would suggest
+    weights_only=False, the one thing not to do with a file of unknown origin, so it is not passed on.)"""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        named = re.search(r"GLOBAL (\S+)", str(e))   # pickle's GLOBAL opcode names the function or class to call
+        detail = f"it asks for {named.group(1)}" if named else f"torch: {str(e).splitlines()[0]}"
+        raise CheckpointError(f"refusing to load {path}: it holds pickled Python objects other than tensors, "
+                              f"numbers, strings, lists and dicts ({detail}), and building them could run code "
+                              "from the file") from None
+
+
 class _TensorSource:
     """Names, shapes and lazily read tensors of one weight file (safetensors via mmap, or a torch .bin)."""
 
@@ -39,15 +55,15 @@ class _TensorSource:
                 from safetensors import safe_open
                 self._f = safe_open(path, framework="pt", device="cpu")
                 self._keys = list(self._f.keys())
-            else:   # weights_only: a pickle cannot run code. mmap (tensors stay on disk until used) needs torch's
-                # zip format (torch >= 1.6); older .bin files are read whole, as transformers reads them
-                legacy = not zipfile.is_zipfile(path)
-                self._sd = torch.load(path, map_location="cpu", weights_only=True, mmap=not legacy)
+            else:   # mmap (tensors stay on disk until used) needs torch's zip format (torch >= 1.6); older .bin
+                # files are read whole, as transformers reads them
+                self._sd = load_plain_data(path, mmap=zipfile.is_zipfile(path))
                 self._keys = list(self._sd.keys())
+        except CheckpointError:
+            raise
         except Exception as e:
             raise CheckpointError(f"cannot read weight file {path}: {type(e).__name__}: {e} - the file is truncated "
-                                  "or corrupt, or (a .bin) holds objects other than tensors; download or save it "
-                                  "again") from None
+                                  "or corrupt; download or save it again") from None
 
     def keys(self) -> list[str]:
         return self._keys

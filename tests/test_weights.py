@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from nanogpt2 import CheckpointError, GPT2Config, GPT2LMHeadModel, GPT2Model
 
-from conftest import hf_quiet
+from nanogpt2.reference import hf_quiet
 
 
 def same_logits(a, b, ids):
@@ -217,3 +217,61 @@ def test_unknown_hub_id_offline_says_what_was_tried(monkeypatch):
     msg = str(e.value)
     assert "no-such-org/no-such-model-xyz" in msg and "bundled" in msg and "Hugging Face hub" in msg
     assert "local directory" in msg
+
+
+def test_old_format_pytorch_bin_loads(tmp_path):
+    """torch.save's pre-1.6 (non-zip) format cannot be memory-mapped; it is read whole, as transformers reads it,
+    never reported as corrupt."""
+    torch.manual_seed(0)
+    ours = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=2)).eval()
+    ours.config.save_pretrained(tmp_path)
+    sd = {k: v.t().contiguous() if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else v
+          for k, v in ours.state_dict().items() if k != "lm_head.weight"}
+    torch.save(sd, tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    same_logits(GPT2LMHeadModel.from_pretrained(tmp_path), ours, torch.randint(0, 50, (1, 7)))
+
+
+def test_pickled_objects_in_a_bin_are_refused_and_never_run(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=1, n_head=2).save_pretrained(tmp_path)
+    torch.save({"wte.weight": torch.zeros(50, 32), "evil": Payload()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"refusing to load .*pytorch_model\.bin.*pickled Python objects.*io\.open"):
+        GPT2LMHeadModel.from_pretrained(tmp_path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/hostname", "sub/model.safetensors", ".."])
+def test_index_naming_a_shard_outside_the_checkpoint_is_refused(tmp_path, shard):
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=1, n_head=2)).save_pretrained(
+        tmp_path / "ckpt", max_shard_size="10KB")
+    index = tmp_path / "ckpt" / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    first = next(iter(data["weight_map"]))
+    data["weight_map"][first] = shard
+    index.write_text(json.dumps(data))
+    (tmp_path / "outside.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"names shard .* not a plain file name in the checkpoint directory"):
+        GPT2LMHeadModel.from_pretrained(tmp_path / "ckpt")
+
+
+def test_resaving_removes_the_previous_saves_shards(tmp_path):
+    """Re-saving into a directory leaves exactly the new checkpoint: no stale shard of an earlier save."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=2)).eval()
+    model.save_pretrained(tmp_path, max_shard_size="5KB")
+    many = [f for f in os.listdir(tmp_path) if f.startswith("model-")]
+    assert len(many) > 3
+    (tmp_path / "notes.txt").write_text("mine")                 # not ours: left alone
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    fewer = sorted(f for f in os.listdir(tmp_path) if f.startswith("model-"))
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert fewer == sorted(set(index["weight_map"].values())) and len(fewer) < len(many)
+    model.save_pretrained(tmp_path)                                # one file: no index, no shards left
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors", "notes.txt"]
+    same_logits(GPT2LMHeadModel.from_pretrained(tmp_path), model, torch.randint(0, 50, (1, 5)))
