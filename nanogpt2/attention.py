@@ -73,8 +73,9 @@ class AttentionMask:
 
     Queries are the last `q_len` of `past_len + q_len` positions. `key_padding` is [B, S] bool (True = a
     real token), S = past_len + q_len, or None when no position is padding. A query at a padding
-    position has no real key to attend to: it attends to itself only, so its output is finite (and
-    meaningless, as in every implementation).
+    position has no real key to attend to: its output is exactly zero and its probabilities a row of zeros, on
+    every backend (the triton kernels' rule; `padding_queries`), so hidden states at padding positions do not
+    depend on the backend (they stay meaningless: the pad token's embedding at position 1, through the MLPs).
     """
     past_len: int
     q_len: int
@@ -126,6 +127,13 @@ class AttentionMask:
                 self._dense = causal & (real | self_only)
         return self._dense
 
+    def padding_queries(self) -> Optional[torch.Tensor]:
+        """(B, 1, q_len, 1) bool, True where the query itself is padding; None when no query is. A fixed-shape
+        decode step's one query is always a real token (its key_padding covers the whole buffer instead)."""
+        if self.key_padding is None or self.cache_seqlens is not None:
+            return None
+        return ~self.key_padding[:, self.past_len:, None][:, None]
+
     def kv_start(self) -> Optional[torch.Tensor]:
         """int32 [B]: first real position of each row, when the padding is all on the left (else None)."""
         if self.key_padding is None:
@@ -175,7 +183,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Attention
     # Decided on past_len, a Python int: q_len may be symbolic under torch.compile, and sdpa wants a bool.
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=dense, dropout_p=dropout_p,
                                          is_causal=dense is None and mask.past_len == 0, scale=scale)
-    return out, None
+    pad = mask.padding_queries()
+    return (out if pad is None else out.masked_fill(pad, 0.0)), None
 
 
 def _eager(q, k, v, mask, scale, dropout_p, upcast, probs_hook=None):
@@ -189,6 +198,9 @@ def _eager(q, k, v, mask, scale, dropout_p, upcast, probs_hook=None):
     if dense is not None:
         scores = scores.masked_fill(~dense, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    pad = mask.padding_queries()
+    if pad is not None:   # a padding query attends to nothing (see AttentionMask)
+        probs = probs.masked_fill(pad, 0.0)
     if probs_hook is not None:
         probs = probs_hook(probs)
     dropped = F.dropout(probs, p=dropout_p, training=True) if dropout_p > 0 else probs

@@ -46,8 +46,8 @@ def test_logits_and_gradients_match_sdpa(flags, padded):
     if mask is not None:   # no loss where the predicting position is padding (its output is undefined)
         labels[:, 1:] = labels[:, 1:].masked_fill(mask[:, :-1] == 0, -100)
     outs = [m(ids, attention_mask=mask, labels=labels) for m in (sdpa, triton)]
-    keep = torch.ones(3, 11, 1, dtype=torch.bool) if mask is None else mask.bool()[..., None]  # padding: undefined
-    torch.testing.assert_close(outs[1].logits * keep, outs[0].logits * keep, atol=2e-5, rtol=1e-4)
+    # padding positions too: a padding query attends to nothing on every backend (AttentionMask)
+    torch.testing.assert_close(outs[1].logits, outs[0].logits, atol=2e-5, rtol=1e-4)
     for out in outs:
         out.loss.backward()
     for (name, p), q in zip(sdpa.named_parameters(), triton.parameters()):
@@ -85,3 +85,20 @@ def test_output_attentions_work_on_the_triton_backend():
     b = triton(ids, output_attentions=True).attentions
     for x, y in zip(a, b):
         torch.testing.assert_close(y, x, atol=1e-6, rtol=1e-5)
+
+
+def test_padding_positions_agree_on_every_backend():
+    """Hidden states at padding positions are the same whichever backend ran (a padding query's attention output
+    is zero everywhere), and a padding query's attention probabilities are a row of zeros."""
+    sdpa, triton = pair()
+    eager = GPT2LMHeadModel(sdpa.config)
+    eager.load_state_dict(sdpa.state_dict())
+    eager.set_attn_implementation("eager")
+    ids, mask = left_padded(101, B=3, T=11, pads=(0, 4, 9))
+    outs = [m(ids, attention_mask=mask, output_hidden_states=True) for m in (sdpa, eager, triton)]
+    for out in outs[1:]:
+        for i, (x, y) in enumerate(zip(out.hidden_states, outs[0].hidden_states)):
+            torch.testing.assert_close(x, y, atol=2e-5, rtol=1e-4, msg=lambda m: f"hidden_states[{i}]: {m}")
+    probs = eager(ids, attention_mask=mask, output_attentions=True).attentions[0]   # (B, H, T, S)
+    assert probs[1, :, :4].abs().sum() == 0 and probs[2, :, :9].abs().sum() == 0
+    torch.testing.assert_close(probs[1, :, 4:].sum(-1), torch.ones(2, 7))   # real queries: distributions
