@@ -135,14 +135,21 @@ class Prompt:
 
 def prepare(model, input_ids, attention_mask, cfg: GenerationConfig) -> Prompt:
     """Check the prompt against the model, settle lengths and special tokens (transformers' rules)."""
-    config = model.config
-    V, n_positions = config.vocab_size, config.n_positions
+    V = model.config.vocab_size
     ids = check_token_ids(input_ids, V, "input_ids").to(model.device)
-    B, T = ids.shape
+    eos, pad = special_tokens(model.config, cfg)
+    max_new = new_token_count(cfg, ids.shape[1], model.config.n_positions)
+    mask = left_padding(ids, attention_mask, pad, eos)
+    history = ids if mask is None else ids.masked_fill(mask == 0, V)
+    return Prompt(ids, mask, history, max_new, torch.tensor(eos, device=ids.device) if eos else None, pad)
 
-    # special tokens: the call's, else the model config's; pad falls back to the first eos, as in transformers.
-    # Ids passed here must be in the vocabulary (finished rows feed pad back to the model); ids from a config
-    # that the vocabulary cannot hold (a tiny model keeping GPT-2's 50256) are dropped: they could never occur.
+
+def special_tokens(config, cfg: GenerationConfig) -> tuple[list[int], Optional[int]]:
+    """(eos ids, pad id): the call's, else the model config's; pad falls back to the first eos, as in transformers.
+
+    Ids passed to generate must be in the vocabulary (finished rows feed pad back to the model); ids from a config
+    that the vocabulary cannot hold (a tiny model keeping GPT-2's 50256) are dropped: they could never occur."""
+    V = config.vocab_size
     eos = cfg.eos_token_id
     if eos is not None:
         eos = [eos] if isinstance(eos, int) else list(eos)
@@ -158,8 +165,12 @@ def prepare(model, input_ids, attention_mask, cfg: GenerationConfig) -> Prompt:
         pad = config.pad_token_id
     if pad is None and eos:
         pad = eos[0]
+    return eos, pad
 
-    # lengths: max_new_tokens wins; max_length counts the prompt; neither -> 20 new, capped by the context
+
+def new_token_count(cfg: GenerationConfig, T: int, n_positions: int) -> int:
+    """How many tokens to generate after a prompt of T: max_new_tokens wins; max_length counts the prompt;
+    neither -> 20, capped by the context. Whatever the source, prompt + new must fit n_positions."""
     max_new = cfg.max_new_tokens
     if cfg.max_length is not None:
         if max_new is not None and cfg.max_length != T + max_new:
@@ -174,27 +185,30 @@ def prepare(model, input_ids, attention_mask, cfg: GenerationConfig) -> Prompt:
     if T + max_new > n_positions:
         raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new}) = {T + max_new} exceeds the model's "
                          f"context n_positions={n_positions}: at most {max(n_positions - T, 0)} new tokens fit")
+    return max_new
 
-    # the padding: transformers infers it from pad tokens only when pad is not an eos; it must be on the left
+
+def left_padding(ids: torch.Tensor, attention_mask, pad: Optional[int], eos: list[int]) -> Optional[torch.Tensor]:
+    """The prompt's padding as a (B, T) long mask (1 = token), or None when nothing is padding. transformers infers
+    it from pad tokens when no mask is given and pad is not an eos; it must be on the left (generation appends on
+    the right), and every row needs a real token."""
+    B, T = ids.shape
     inferred = None
     if attention_mask is None and pad is not None and pad not in eos and bool((ids == pad).any()):
         attention_mask = inferred = (ids != pad).long()
-    mask = None
-    if attention_mask is not None:
-        real = check_mask_shape(attention_mask, (B, T), "B, T").to(model.device) != 0
-        n_pad = T - real.sum(-1)
-        left = torch.arange(T, device=real.device)[None] >= n_pad[:, None]   # what left padding looks like
-        if bool((n_pad == T).any()):
-            raise ValueError(f"attention_mask row {int((n_pad == T).nonzero()[0])} has no real token")
-        if not bool((left == real).all()):
-            row = int((left != real).any(-1).nonzero()[0])
-            source = "" if inferred is None else f" (inferred from pad_token_id={pad}, as transformers does)"
-            raise ValueError(f"attention_mask{source} row {row} is not left-padded ({attention_mask[row].tolist()}): "
-                             "generation appends on the right, so padding must come first (padding_side='left')")
-        if not bool(real.all()):
-            mask = real.long()
-    history = ids if mask is None else ids.masked_fill(mask == 0, V)
-    return Prompt(ids, mask, history, max_new, torch.tensor(eos, device=ids.device) if eos else None, pad)
+    if attention_mask is None:
+        return None
+    real = check_mask_shape(attention_mask, (B, T), "B, T").to(ids.device) != 0
+    n_pad = T - real.sum(-1)
+    left = torch.arange(T, device=real.device)[None] >= n_pad[:, None]   # what left padding looks like
+    if bool((n_pad == T).any()):
+        raise ValueError(f"attention_mask row {int((n_pad == T).nonzero()[0])} has no real token")
+    if not bool((left == real).all()):
+        row = int((left != real).any(-1).nonzero()[0])
+        source = "" if inferred is None else f" (inferred from pad_token_id={pad}, as transformers does)"
+        raise ValueError(f"attention_mask{source} row {row} is not left-padded ({attention_mask[row].tolist()}): "
+                         "generation appends on the right, so padding must come first (padding_side='left')")
+    return None if bool(real.all()) else real.long()
 
 
 def _as_list(token_ids) -> list:
