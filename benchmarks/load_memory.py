@@ -14,8 +14,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 
 LOADER = r"""
 import json, sys, threading, time

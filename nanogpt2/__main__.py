@@ -4,18 +4,20 @@ from __future__ import annotations
 import argparse
 import sys
 
+# both commands' modules, for their flags; neither imports transformers (an optional extra) at import time:
+# verify asks for it when a run needs it and says how to install it when it is missing, and generate never does
+from . import cli_generate, verify
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="nanogpt2", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from . import verify
     v = sub.add_parser("verify", help="compare nanogpt2 with transformers, and its own paths with each other, at "
                        "every named point", description=verify.__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     verify.add_arguments(v)
 
-    from . import cli_generate
     g = sub.add_parser("generate", help="continue a prompt, streaming the text (greedy, sampling or beam search)",
                        description=cli_generate.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli_generate.add_arguments(g)

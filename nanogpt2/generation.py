@@ -474,7 +474,7 @@ def _setup(model, input_ids, attention_mask, kwargs) -> tuple[Prompt, Generation
     return prepare(model, input_ids, attention_mask, cfg), cfg
 
 
-def _packing(model, cfg: GenerationConfig, rows: int):
+def packing(model, cfg: GenerationConfig, rows: int):
     """The weight packing generate() runs under (packed.py): on CPU unless pack_weights=False."""
     on_cpu = model.device.type == "cpu"
     if cfg.pack_weights is True and not (on_cpu and packed_available()):
@@ -520,11 +520,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
         if streamer is not None:
             raise ValueError("streamer cannot be used with beam search (num_beams > 1): beams are only decided "
                              "at the end (transformers refuses it too)")
-        with _packing(model, cfg, prompt.ids.shape[0] * cfg.num_beams):
+        with packing(model, cfg, prompt.ids.shape[0] * cfg.num_beams):
             return beam_search(model, prompt, cfg, generator)
     put, end = _token_sink(streamer, prompt.ids)
     new = []
-    with _packing(model, cfg, prompt.ids.shape[0] * cfg.num_return_sequences):
+    with packing(model, cfg, prompt.ids.shape[0] * cfg.num_return_sequences):
         for token in decode(model, prompt, cfg, generator):
             new.append(token)
             if put is not None:
@@ -545,11 +545,11 @@ def stream(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor
         raise ValueError(f"stream() needs num_beams=1 (got {cfg.num_beams}): beam search decides its tokens "
                          "only at the end; use generate()")
 
-    packing = _packing(model, cfg, prompt.ids.shape[0] * cfg.num_return_sequences)   # checked now; packs later
+    packed = packing(model, cfg, prompt.ids.shape[0] * cfg.num_return_sequences)   # checked now; packs later
 
     @torch.no_grad()   # on a generator function, torch enters no_grad around each step only, not in between
     def tokens():   # packed until exhausted or closed (a dropped iterator is closed when collected)
-        with packing:
+        with packed:
             yield from decode(model, prompt, cfg, generator)
 
     return tokens()

@@ -110,17 +110,26 @@ class HooksMixin:
                 raise TypeError(f"hook for {name!r} must be callable fn(tensor, name), got {type(fn).__name__}")
         return self._registry().added(hooks)
 
-    def run_with_cache(self, input_ids=None, names: Optional[Iterable[str]] = None, **forward_kwargs):
-        """(logits, {name: tensor}) for the named points (all when names is None). Tensors are detached.
-        On a GPT2Model the first element is last_hidden_state. Works with attention_mask, left padding
-        and past_key_values like any forward."""
+    @contextlib.contextmanager
+    def recording(self, names: Optional[Iterable[str]] = None):
+        """Context manager yielding a dict that fills with {name: detached tensor} for the named points (all when
+        names is None) computed inside the block: by a forward, a generate step, anything. A point computed
+        twice keeps its last value."""
         names = self.activation_names() if names is None else check_names(names, self.config.n_layer)
-        cache: dict[str, torch.Tensor] = {}
+        acts: dict[str, torch.Tensor] = {}
 
         def store(x, name):
-            cache[name] = x.detach()
+            acts[name] = x.detach()
 
         with self.hooks({name: store for name in names}):
+            yield acts
+
+    def run_with_cache(self, input_ids=None, names: Optional[Iterable[str]] = None, **forward_kwargs):
+        """(logits, {name: tensor}) for the named points (all when names is None), in forward order. Tensors are
+        detached. On a GPT2Model the first element is last_hidden_state. Works with attention_mask, left padding
+        and past_key_values like any forward."""
+        names = self.activation_names() if names is None else check_names(names, self.config.n_layer)
+        with self.recording(names) as acts:
             out = self(input_ids, **forward_kwargs)
         main = out.logits if out.logits is not None else out.last_hidden_state
-        return main, {name: cache[name] for name in names if name in cache}
+        return main, {name: acts[name] for name in names if name in acts}

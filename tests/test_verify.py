@@ -8,13 +8,48 @@ import pytest
 import torch
 
 import nanogpt2.attention
+import nanogpt2.generation
 import nanogpt2.model
+from nanogpt2 import GPT2Config, GPT2LMHeadModel
 from nanogpt2.cache import KVCache
 from nanogpt2.hooks import HookRegistry
+from nanogpt2.reference import INSTALL_HINT
 from nanogpt2.verify import VerifyError, verify
 
 # head dim 16, so the triton kernels (run by Triton's interpreter on CPU, see conftest.py) take part
 TINY = dict(n_layer=3, n_embd=64, n_head=4)
+
+# `python -m nanogpt2 ...` in an interpreter where `import transformers` fails as it does when the package is not
+# installed (ModuleNotFoundError with name "transformers"): a finder put ahead of the real ones refuses it.
+# runpy.run_module(alter_sys=True) is what `-m` does; argv after the -c program is the command line.
+WITHOUT_TRANSFORMERS = """
+import runpy, sys
+
+class NotInstalled:
+    def find_spec(self, name, path=None, target=None):
+        if name == "transformers":
+            raise ModuleNotFoundError("No module named 'transformers'", name="transformers")
+        return None  # every other module: the real finders
+
+sys.meta_path.insert(0, NotInstalled())
+runpy.run_module("nanogpt2", run_name="__main__", alter_sys=True)
+"""
+
+
+def cli_without_transformers(*args):
+    return subprocess.run([sys.executable, "-c", WITHOUT_TRANSFORMERS, *args], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"), cwd=os.path.expanduser("~"))
+
+
+@pytest.fixture(scope="module")
+def nanogpt2_checkpoint(tmp_path_factory):
+    """A tiny GPT-2 saved by nanogpt2 itself (no transformers involved), with the real vocabulary so any prompt
+    encodes."""
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("nanogpt2-model")
+    GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=1, n_head=2)).save_pretrained(
+        directory)
+    return str(directory)
 
 
 def first_divergences(out: str) -> dict[str, str]:
@@ -99,6 +134,17 @@ def test_decode_check_catches_a_cache_bug(hf_checkpoint, monkeypatch, capsys):
     assert first_divergences(out) == {"decode": "h.0.attn.z"}  # prefill (no cache) still matches transformers
 
 
+def test_decode_check_runs_generates_own_step(hf_checkpoint, monkeypatch, capsys):
+    """A bug only in the per-token step generate() runs (here: its positions one off) is caught by the decode
+    check at the first point it touches, the embedding, while one forward still matches transformers."""
+    directory, _ = hf_checkpoint(seed=0)
+    positions = nanogpt2.generation.positions_from_mask
+    monkeypatch.setattr(nanogpt2.generation, "positions_from_mask", lambda *a: positions(*a) + 1)
+    assert verify(directory, checks=["transformers", "decode"]) == 1
+    out = capsys.readouterr().out
+    assert first_divergences(out) == {"decode": "embed"}
+
+
 def test_backend_check_catches_a_backend_bug(hf_checkpoint, monkeypatch, capsys):
     directory, _ = hf_checkpoint(seed=0)
     eager = nanogpt2.attention._eager
@@ -133,6 +179,8 @@ def test_bad_requests_name_the_value_and_the_choices(hf_checkpoint, monkeypatch)
         verify(directory, checks=["backend"], compare_backends=["eager", "flash"])
     with pytest.raises(VerifyError, match=r"unknown check.*'speed'.*transformers, decode, backend, dtype"):
         verify(directory, checks=["speed"])
+    with pytest.raises(VerifyError, match=r"dtype 'fp32' is not a low precision.*bf16"):
+        verify(directory, checks=["dtype"], dtype="fp32")
     with pytest.raises(VerifyError, match=r"at least two backends"):
         verify(directory, checks=["backend"], compare_backends=["sdpa"])
     monkeypatch.setattr(nanogpt2.attention, "triton_interpreting", lambda: False)  # a CPU without the interpreter
@@ -145,3 +193,19 @@ def test_cli_reports_bad_request_with_exit_status_2(hf_checkpoint):
     r = subprocess.run([sys.executable, "-m", "nanogpt2", "verify", "--model", directory, "--checks", "decode,oops"],
                        capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert r.returncode == 2 and "unknown check(s) ['oops']" in r.stderr, r.stdout + r.stderr
+
+
+def test_cli_without_transformers_says_how_to_install_it():
+    r = cli_without_transformers("verify")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert len(r.stderr.splitlines()) == 1 and INSTALL_HINT in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_cli_without_transformers_runs_what_does_not_need_it(nanogpt2_checkpoint):
+    """Only the transformers check (and the default model) need transformers; generate never does."""
+    r = cli_without_transformers("verify", "--model", nanogpt2_checkpoint, "--checks", "decode,backend,dtype",
+                                 "--compare", "eager,sdpa")
+    assert r.returncode == 0 and "all points match (3 comparisons)" in r.stdout, r.stdout + r.stderr
+    r = cli_without_transformers("generate", "--model", nanogpt2_checkpoint, "--prompt", "Hello",
+                                 "--max-new-tokens", "3")
+    assert r.returncode == 0 and r.stdout.startswith("Hello"), r.stdout + r.stderr
