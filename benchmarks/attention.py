@@ -54,13 +54,13 @@ if not ON_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
 
 import triton  # noqa: E402
+from nanogpt2.dtypes import dtype_from_name  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from nanogpt2.kernels import decode_attention, flash_attention  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # relative error ||out − ref|| / ||ref|| allowed against fp32 SDPA, per input dtype
 REL_TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}
 H, D = 12, 64  # GPT-2 small
@@ -290,11 +290,11 @@ def machine_line(dtype_name):
 
 def main():
     dtype_name = OPTS.dtype
-    if dtype_name not in DTYPES:
-        sys.exit(f"--dtype {dtype_name!r} not supported; valid: {', '.join(DTYPES)}")
+    if dtype_name not in ("bf16", "fp16", "fp32"):
+        sys.exit(f"--dtype {dtype_name!r} not supported; valid: bf16, fp16, fp32")
     if not ON_GPU and dtype_name == "bf16":
         dtype_name = "fp32"  # the interpreter's bf16 tl.dot is wrong on CPU
-    dtype = DTYPES[dtype_name]
+    dtype = dtype_from_name(dtype_name)
     print(machine_line(dtype_name))
     all_rows = []
     for section, run in (("forward", lambda: bench_prefill(dtype, backward=False)),

@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from nanogpt2.dtypes import FLAG_CHOICES, dtype_from_name
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -98,7 +100,7 @@ def base_parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny shapes, few repeats: checks the script still runs")
     p.add_argument("--csv", default=None, help="also write the table to this CSV file")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=FLAG_CHOICES)
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per measurement (default: 5, quick: 2)")
     p.add_argument("--model", default=None,
                    help="checkpoint directory or hub id (default: random weights of the shape below)")
@@ -117,7 +119,7 @@ def model_pair(args, attn_implementation="sdpa", hf_attn="sdpa", initializer_ran
     from nanogpt2 import GPT2Config, GPT2LMHeadModel
     from nanogpt2.reference import hf_quiet
     transformers = hf_quiet()
-    dtype = getattr(torch, args.dtype)
+    dtype = dtype_from_name(args.dtype)
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model
         if path is None:
