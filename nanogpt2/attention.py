@@ -97,6 +97,9 @@ class AttentionMask:
 
     @classmethod
     def build(cls, attention_mask: Optional[torch.Tensor], past_len: int, q_len: int) -> "AttentionMask":
+        """From forward's (B, past_len + q_len) 0/1 mask. A mask costs host syncs on CUDA (is anything padding? is
+        it all on the left, as the fused kernels need?): once per generate() call, once per step when training
+        with a mask. Without a mask, and in generate's decode steps, nothing here reads a value."""
         key_padding = None
         if attention_mask is not None:
             key_padding = attention_mask.bool()

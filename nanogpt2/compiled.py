@@ -1,8 +1,8 @@
 """generate(compile=True): a fixed-shape decode step, run through torch.compile, and the object that owns it.
 
     owner = compiled_decode(model)          # model.compiled_decode: made on first use, one per model
-    step = owner.step(cache, kv_start)      # CompiledStep for one generate() call
-    logits = step(token, mask)              # (N,) -> (N, V) fp32, as generation.decode_one_token
+    step = owner.step(cache, kv_start)      # its StaticDecode runner for this shape, loaded with the prompt
+    logits = step(token, mask)              # (N,) -> (N, V) fp32, as generation.decode_one_token; step.cache
 
 The step never changes a shape or a Python number from token to token: it attends over the whole cache buffer
 with a mask (AttentionMask.static_decode), writes its key/value at a position held in a tensor
@@ -21,14 +21,18 @@ Frozen constants bring two rules, both kept by `CompiledDecode`:
     freeze). That is the one place where state outlives its owner, forced by torch. So a model is frozen once:
     after its weights change it warns and runs the shared step, whose weights are graph inputs (correct,
     slower); `del model.compiled_decode` drops our reference, not torch's.
-On CUDA nothing is frozen: every model runs the shared step (one graph per shape, weights as inputs).
-Not done: CUDA-graph capture (mode="reduce-overhead" needs the cache at a static address reused across calls).
+On CUDA nothing is frozen: every model runs the shared step (one graph per shape, weights as inputs), and each
+StaticDecode runner captures it in a CUDA graph on its first call: the cache, token, lengths and logits live at
+static addresses, reused by every generate() call of that shape, so a token costs one graph replay. A graph
+reads the weights where they were at capture: when a parameter moves (a new tensor, .to(), load_state_dict with
+assign=True), the runners are dropped and captured again; in-place updates are simply read.
 """
 from __future__ import annotations
 
 import types
 import warnings
 import weakref
+from collections import OrderedDict
 from typing import Callable, Optional
 
 import torch
@@ -100,7 +104,10 @@ def _same_state(a: tuple, b: tuple) -> bool:
 
 
 class CompiledDecode:
-    """The compiled decode step of one model, and what it was compiled against (see the module doc)."""
+    """The compiled decode step of one model, what it was compiled against, and its static runners (one per batch
+    size, cache length and dtype; see StaticDecode), reused across generate() calls."""
+
+    MAX_RUNNERS = 4   # runners kept (least recently used dropped): each holds a KV cache and, on CUDA, a graph
 
     def __init__(self, model):
         self.model_ref = weakref.ref(model)   # whose step this is; a deepcopy of the model carries a stale one
@@ -112,22 +119,37 @@ class CompiledDecode:
             self.frozen_state = _weights_state(model)
         else:
             self.fn = _shared_step()
+        self.runners: OrderedDict[tuple, StaticDecode] = OrderedDict()
+        self.captured_weights: Optional[tuple] = None   # CUDA graphs read the weights at these addresses
 
     def belongs_to(self, model) -> bool:
         return self.model_ref() is model and self.device_type == model.device.type
 
-    def step(self, cache: KVCache, kv_start: Optional[torch.Tensor]) -> "CompiledStep":
-        """The step function for one generate() call. Checks first that the frozen weights are still the model's;
-        if not, warns once and runs the shared step from then on."""
+    def step(self, cache: KVCache, kv_start: Optional[torch.Tensor]) -> "StaticDecode":
+        """The static runner for one generate() call, loaded with the prompt's `cache` and padding. Checks first
+        that the frozen weights are still the model's (if not: a warning, and the shared step from then on), and
+        that CUDA graphs still point at the model's weights (if not: the runners are dropped, to capture again)."""
         model = self.model_ref()
         if self.frozen_state is not None and not _same_state(self.frozen_state, _weights_state(model)):
             self.frozen_state, self.fn = None, _shared_step()
+            self.runners.clear()
             warnings.warn("generate(compile=True): this model's weights changed since its decode step was compiled "
                           "with frozen weights; it now runs a compiled step that reads the weights as inputs "
                           "(correct, but on CPU slower than pack_weights). A model is frozen once per process: "
                           "frozen graphs are never freed, so refreezing after every change would leak memory.",
                           stacklevel=4)
-        return CompiledStep(model, self.fn, cache, kv_start)
+        if self.device_type == "cuda":
+            addresses = tuple(identity(p)[::2] for p in model.parameters())   # (data_ptr, dtype): values are read
+            if addresses != self.captured_weights:                           # live, addresses are baked in
+                self.runners.clear()
+                self.captured_weights = addresses
+        key = (cache.batch_size, cache.max_len, cache.k.dtype, cache.k.device)
+        runner = self.runners.pop(key, None) or StaticDecode(model, self.fn, cache)
+        self.runners[key] = runner                       # most recently used last
+        while len(self.runners) > self.MAX_RUNNERS:
+            self.runners.popitem(last=False)
+        runner.load(cache, kv_start)
+        return runner
 
 
 def compiled_decode(model) -> CompiledDecode:
@@ -140,24 +162,74 @@ def compiled_decode(model) -> CompiledDecode:
     return owner
 
 
-class CompiledStep:
-    """One generate() call's fixed-shape step: (token (N,), mask) -> logits (N, V) fp32.
+class StaticDecode:
+    """A fixed-shape decode step with every input and output at a static address: (token (N,), mask) -> logits
+    (N, V) fp32, the same tensor each call.
 
-    The padding mask argument is ignored: the step's mask is made from `seqlens` and `kv_start` (each row's
-    count of padding positions, int32 (N,)), which say the same thing in fixed-shape tensors."""
+    The KV cache, the token, the lengths (int32 (N,): valid positions and padding per row) and the logits are
+    allocated once per batch size, cache length and dtype, and reused by every generate() call of that shape:
+    `load` copies a prompt's prefilled cache in, and each call writes its inputs in place. On CUDA the first call
+    captures the step in a CUDA graph (torch.cuda.CUDAGraph, as gpt-fast does with mode="reduce-overhead"), and
+    every later call, of this generate() or the next, is one graph replay: no Python, no launches per layer, no
+    allocation. On CPU the same buffers are used and the step runs directly. The padding mask argument is
+    ignored: `seqlens` and `kv_start` say the same thing in fixed-shape tensors.
+    """
 
-    def __init__(self, model, fn: Callable, cache: KVCache, kv_start: Optional[torch.Tensor]):
-        N, dev = cache.batch_size, cache.k.device
-        self.model, self.fn, self.cache, self.slot = model, fn, cache, StaticSlot(cache)
+    def __init__(self, model, fn: Callable, like: KVCache):
+        L, N, H, S, D = like.k.shape                     # layers, rows, heads, positions, head dim
+        dev = like.k.device
+        self.model, self.fn = model, fn
+        self.cache = KVCache(L, N, H, S, D, dtype=like.k.dtype, device=dev)
+        self.slot = StaticSlot(self.cache)
+        self.token = torch.zeros(N, dtype=torch.long, device=dev)
         self.seqlens = torch.zeros(N, dtype=torch.int32, device=dev)
-        self.kv_start = torch.zeros(N, dtype=torch.int32, device=dev) if kv_start is None else kv_start.clone()
+        self.kv_start = torch.zeros(N, dtype=torch.int32, device=dev)
+        self.logits: Optional[torch.Tensor] = None       # (N, V) fp32, made by the first call
+        self.graph = None                                # torch.cuda.CUDAGraph once captured
+
+    def load(self, cache: KVCache, kv_start: Optional[torch.Tensor]) -> None:
+        """Take over a prefilled cache: its written positions and each row's padding count (None: no padding)."""
+        n = cache.length
+        self.cache.k[:, :, :, :n].copy_(cache.k[:, :, :, :n])
+        self.cache.v[:, :, :, :n].copy_(cache.v[:, :, :, :n])
+        self.cache.length = n
+        if kv_start is None:
+            self.kv_start.zero_()
+        else:
+            self.kv_start.copy_(kv_start)
+
+    def _run(self) -> torch.Tensor:
+        return self.fn(self.model, self.token, self.seqlens, self.kv_start, self.slot).float()
 
     def __call__(self, token: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         past = self.cache.length
         if past >= self.cache.max_len:
             raise ValueError(f"KV cache is full: {past} cached positions, max_len {self.cache.max_len}")
+        self.token.copy_(token)
         self.slot.write_at.fill_(past)
         self.seqlens.fill_(past + 1)
-        logits = self.fn(self.model, token, self.seqlens, self.kv_start, self.slot)
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.cache.k.is_cuda:
+            self._capture()
+        elif self.logits is None:
+            self.logits = self._run()
+        else:
+            self.logits.copy_(self._run())
         self.cache.advance(1)
-        return logits.float()
+        return self.logits
+
+    def _capture(self) -> None:
+        """Warm up on a side stream (compiles, autotunes, allocates lazily made state), then record one step into
+        a CUDA graph; recording does not run it, so replay once for this call. The warm-up runs write this step's
+        key and value into the cache, the same values the replay writes again."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._run()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._run()
+        self.graph.replay()

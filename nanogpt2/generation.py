@@ -255,11 +255,25 @@ def cache_length(model, needed: int, cfg: "GenerationConfig") -> int:
     return compiled.cache_length(model.config.n_positions, needed) if cfg.compile else needed
 
 
+class EagerStep:
+    """decode_one_token over `cache`, as a step object: what make_step returns without compile=True."""
+
+    def __init__(self, model, cache: KVCache, kv_start: Optional[torch.Tensor]):
+        self.model, self.cache, self.kv_start = model, cache, kv_start
+
+    def __call__(self, token: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        return decode_one_token(self.model, token, mask, self.cache, self.kv_start)
+
+
 def make_step(model, cache: KVCache, kv_start: Optional[torch.Tensor], cfg: "GenerationConfig"):
-    """The per-token function the loops call: (token (N,), mask (N, cached + 1) or None) -> logits (N, V)."""
-    if cfg.compile and not _needs_forward(model):   # module hooks want forward itself, every token
+    """The per-token step the loops call: step(token (N,), mask (N, cached + 1) or None) -> logits (N, V) fp32,
+    over `step.cache` (the prefilled `cache`, or with compile=True a static copy of it: compiled.StaticDecode).
+
+    compile=True falls back to the eager step, on purpose, when something must see each token in Python: torch
+    module hooks (they want forward itself) or named hooks (model.hooks(...): a captured graph would skip them)."""
+    if cfg.compile and not _needs_forward(model) and not model.hooks_active():
         return compiled.compiled_decode(model).step(cache, kv_start)
-    return lambda token, mask: decode_one_token(model, token, mask, cache, kv_start)
+    return EagerStep(model, cache, kv_start)
 
 
 def process(scores: torch.Tensor, history: torch.Tensor, n_new: int, cfg: GenerationConfig, prompt: Prompt,
@@ -333,10 +347,10 @@ def decode(model, prompt: Prompt, cfg: GenerationConfig,
     if prompt.mask is not None:   # the prompt's padding, then ones for every new token
         mask = torch.ones(N, T + max_new, dtype=torch.long, device=seq.device)
         mask[:, :T] = expand(prompt.mask, n)
-    step_fn = make_step(model, cache, expand(padding(prompt), n), cfg)
+    step = make_step(model, cache, expand(padding(prompt), n), cfg)
     unfinished = torch.ones(N, dtype=torch.bool, device=seq.device)
-    for step in range(max_new):
-        scores = process(logits, seq[:, :T + step], step, cfg, prompt)
+    for i in range(max_new):
+        scores = process(logits, seq[:, :T + i], i, cfg, prompt)
         if cfg.do_sample:
             token = torch.multinomial(F.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)
         else:
@@ -344,11 +358,11 @@ def decode(model, prompt: Prompt, cfg: GenerationConfig,
         if prompt.eos is not None:
             token = torch.where(unfinished, token, prompt.pad)
             unfinished &= ~torch.isin(token, prompt.eos)
-        seq[:, T + step] = token
+        seq[:, T + i] = token
         yield token
-        if step + 1 == max_new or (prompt.eos is not None and not bool(unfinished.any())):  # the one sync
+        if i + 1 == max_new or (prompt.eos is not None and not bool(unfinished.any())):  # the one sync
             return
-        logits = step_fn(token, None if mask is None else mask[:, :T + step + 1])
+        logits = step(token, None if mask is None else mask[:, :T + i + 1])
 
 
 # ---- beam search --------------------------------------------------------------------------------------------
@@ -391,7 +405,7 @@ def beam_search(model, prompt: Prompt, cfg: GenerationConfig, generator: Optiona
         mask = torch.ones(B * nb, max_length, dtype=torch.long, device=dev)
         mask[:, :T] = expand(prompt.mask, nb)
     # beams trade histories within a row, never its padding
-    step_fn = make_step(model, cache, expand(padding(prompt), nb), cfg)
+    step = make_step(model, cache, expand(padding(prompt), nb), cfg)
 
     running = torch.full((B, nb, max_length), fill, dtype=torch.long, device=dev)
     running[:, :, :T] = prompt.history[:, None]
@@ -457,8 +471,8 @@ def beam_search(model, prompt: Prompt, cfg: GenerationConfig, generator: Optiona
         all_full = is_finished.all() & (cfg.early_stopping is True)
         if not bool(may_improve.any() & ~all_full & ~ended.all()):    # the one host sync per step
             break
-        cache.reorder(parent.flatten())
-        logits = step_fn(running[:, :, cur].flatten(), None if mask is None else mask[:, :cur + 1])
+        step.cache.reorder(parent.flatten())
+        logits = step(running[:, :, cur].flatten(), None if mask is None else mask[:, :cur + 1])
 
     # the best hypotheses per row, cut to the longest one returned (transformers counts their generated tokens)
     out = finished[:, :n_ret].flatten(0, 1)

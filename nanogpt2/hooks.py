@@ -98,6 +98,11 @@ class HooksMixin:
         base = getattr(self, "transformer", self)
         return base.hook_registry
 
+    def hooks_active(self) -> bool:
+        """Whether any named hook is set (generate's compiled step then runs eagerly, so that the hooks see every
+        token)."""
+        return bool(self._registry().fns)
+
     def activation_names(self) -> list[str]:
         return activation_names(self.config.n_layer)
 

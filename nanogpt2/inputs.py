@@ -5,12 +5,14 @@ from __future__ import annotations
 import torch
 
 
-def check_token_ids(ids, vocab_size: int, name: str = "input_ids") -> torch.Tensor:
+def check_token_ids(ids, vocab_size: int, name: str = "input_ids", sync_free: bool = False) -> torch.Tensor:
     """ids (T,) or (B, T) of integers in [0, vocab_size) -> (B, T) torch.long; a clear error otherwise.
 
-    The range check reads the values (a host sync on CUDA, one per call). Under torch.compile it is skipped, as a
-    data-dependent check would break the graph; the embedding lookup still refuses an out-of-range id there
-    ("index out of bounds" on CPU, a device-side assert on CUDA)."""
+    The range check reads the values: on CUDA a host sync. With `sync_free` (forward: every training and decode
+    step) a CUDA tensor is checked on the device instead (torch._assert_async: no sync, but a failure is a
+    device-side assert that ends the CUDA context, and it names no value); generate() checks once per call, with
+    the exact message. Under torch.compile the check is skipped, as a data-dependent check would break the graph;
+    the embedding lookup still refuses an out-of-range id there ("index out of bounds" on CPU, an assert on CUDA)."""
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(ids).__name__}")
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
@@ -21,7 +23,12 @@ def check_token_ids(ids, vocab_size: int, name: str = "input_ids") -> torch.Tens
         raise ValueError(f"{name} must be (B, T), got shape {tuple(ids.shape)}")
     if ids.shape[1] == 0:
         raise ValueError(f"{name} is empty (shape {tuple(ids.shape)}): at least one token is needed")
-    if not torch.compiler.is_compiling() and ids.numel():
+    if torch.compiler.is_compiling() or not ids.numel():
+        return ids.long()
+    if sync_free and ids.is_cuda:
+        in_range = ((ids >= 0) & (ids < vocab_size)).all()
+        torch._assert_async(in_range, f"{name}: a token id is out of range [0, {vocab_size})")
+    else:
         lo, hi = (int(v) for v in torch.aminmax(ids))
         if lo < 0 or hi >= vocab_size:
             raise ValueError(f"{name}: token id {lo if lo < 0 else hi} out of range [0, {vocab_size})")

@@ -206,7 +206,7 @@ class GPT2Model(PreTrained):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids (B, T) or inputs_embeds (B, T, n_embd)")
         if input_ids is not None:
-            input_ids = check_token_ids(input_ids, self.config.vocab_size, "input_ids")
+            input_ids = check_token_ids(input_ids, self.config.vocab_size, "input_ids", sync_free=True)
             B, T = input_ids.shape
         else:
             if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.n_embd:
@@ -229,7 +229,7 @@ class GPT2Model(PreTrained):
         x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
         x = x + self.wpe(position_ids)
         if token_type_ids is not None:  # GPT-2 has no segment table: transformers reuses wte
-            x = x + self.wte(check_token_ids(token_type_ids, self.config.vocab_size, "token_type_ids"))
+            x = x + self.wte(check_token_ids(token_type_ids, self.config.vocab_size, "token_type_ids", sync_free=True))
         return self.run(x, AttentionMask.build(attention_mask, past, T), cache, output_hidden_states,
                         output_attentions)
 

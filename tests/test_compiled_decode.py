@@ -117,3 +117,77 @@ def test_cache_lengths_are_bucketed_only_when_compiling(models):
     on = generation.GenerationConfig(compile=True)
     assert generation.cache_length(ours, 10, on) == min(64, compiled.COMPILE_BUCKET)
     assert generation.cache_length(ours, 64, on) == 64
+
+
+@pytest.fixture
+def fresh_model(models, monkeypatch):
+    """A copy of the peaky model whose compiled step runs eagerly and stays attached to it (no real compile)."""
+    monkeypatch.setattr(compiled, "_compile", lambda fn, frozen: fn)
+    return copy.deepcopy(models[1])
+
+
+def test_static_buffers_are_reused_across_steps_and_calls(fresh_model, models, batch, monkeypatch):
+    """One runner per shape bucket: its cache, token, lengths and logits keep their addresses for every token of
+    every generate() call of that shape (what a CUDA graph needs), and the tokens are the eager path's."""
+    hf, ours = models
+    ids, mask, _ = batch
+    addresses = []
+    call = compiled.StaticDecode.__call__
+
+    def recording(self, token, mask):
+        out = call(self, token, mask)
+        addresses.append((out.data_ptr(), self.cache.k.data_ptr(), self.token.data_ptr(), self.seqlens.data_ptr()))
+        return out
+    monkeypatch.setattr(compiled.StaticDecode, "__call__", recording)
+    for _ in range(2):
+        got = fresh_model.generate(ids, attention_mask=mask, max_new_tokens=NEW, compile=True)
+        assert torch.equal(got, hf_generate(hf, ids, mask, max_new_tokens=NEW))
+    beams = fresh_model.generate(ids, attention_mask=mask, max_new_tokens=NEW, num_beams=2, compile=True)
+    assert torch.equal(beams, ours.generate(ids, attention_mask=mask, max_new_tokens=NEW, num_beams=2))
+    runners = fresh_model.compiled_decode.runners
+    assert len(runners) == 2                                  # batch 3 (greedy) and 3 x 2 beams
+    greedy = addresses[:2 * (NEW - 1)]
+    assert len(set(greedy)) == 1, "a static buffer moved between tokens or generate() calls"
+
+
+def test_runners_are_bounded_and_least_recently_used_go(fresh_model):
+    ids = torch.tensor([[5, 6, 7]])
+    for rows in range(1, compiled.CompiledDecode.MAX_RUNNERS + 2):
+        fresh_model.generate(ids.expand(rows, 3), max_new_tokens=3, compile=True)
+    sizes = [key[0] for key in fresh_model.compiled_decode.runners]
+    assert sizes == list(range(2, compiled.CompiledDecode.MAX_RUNNERS + 2))   # batch 1 dropped first
+
+
+def test_named_hooks_make_the_compiled_step_run_eagerly(fresh_model):
+    """A captured graph would skip Python hooks: with model.hooks active, compile=True takes the eager step."""
+    seen = []
+    with fresh_model.hooks({"ln_f": lambda x, name: seen.append(x.shape[1])}):
+        out = fresh_model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, compile=True)
+    assert seen == [3, 1, 1, 1] and fresh_model.compiled_decode is None
+    assert torch.equal(out, fresh_model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_decode_captures_once_and_replays(models, batch):
+    """On CUDA the runner captures its step in a CUDA graph on the first token and replays it for every later
+    token and generate() call of that shape; the tokens stay the eager path's, and no step syncs the host."""
+    model = copy.deepcopy(models[1]).cuda()
+    ids, mask, _ = (t.cuda() if isinstance(t, torch.Tensor) else t for t in batch)
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=NEW)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=NEW, compile=True), want)
+    (runner,) = model.compiled_decode.runners.values()
+    graph = runner.graph
+    assert graph is not None
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=NEW, compile=True), want)
+    assert runner.graph is graph                             # replayed, not captured again
+    step = model.compiled_decode.step(runner.cache, None)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(ids[:, -1], None)                               # one replay: no host sync
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    with torch.no_grad():                                    # a weight replaced: graphs read stale addresses
+        model.transformer.h[0].mlp.c_fc.weight = torch.nn.Parameter(model.transformer.h[0].mlp.c_fc.weight * 2)
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=NEW)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=NEW, compile=True), want)
+    assert next(iter(model.compiled_decode.runners.values())) is not runner

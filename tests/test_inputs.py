@@ -83,3 +83,19 @@ def test_presets_match_released_sizes():
     with torch.device("meta"):
         sizes = {name: GPT2LMHeadModel(GPT2Config.preset(name)).num_parameters() for name in ("gpt2", "distilgpt2")}
     assert sizes["gpt2"] == 124_439_808 and sizes["distilgpt2"] == 81_912_576
+
+
+def test_token_ids_checked_on_the_device_without_a_sync_when_asked():
+    """forward checks CUDA ids with a device-side assert (no host sync per step); on CPU the check is the exact
+    one whatever is asked, and generate's once-per-call check names the value."""
+    from nanogpt2.inputs import check_token_ids
+    for sync_free in (False, True):
+        with pytest.raises(ValueError, match=r"input_ids: token id 50 out of range \[0, 50\)"):
+            check_token_ids(torch.tensor([[1, 50]]), 50, "input_ids", sync_free=sync_free)
+    if torch.cuda.is_available():
+        ids = torch.tensor([[1, 2]], device="cuda")
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            assert check_token_ids(ids, 50, "input_ids", sync_free=True).dtype == torch.long
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
