@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?= -q -n 2 --durations=15
 
-.PHONY: setup demo test verify clean
+.PHONY: setup demo test verify clean gpu-check
 
 $(BIN)/.installed: setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,3 +29,17 @@ test: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# The GPU check (issue 13; tools/gpu_check.py): the GPU's tests and benchmarks, logs + CSVs + summary.txt in $(OUT).
+# On the device machine (no network: nothing is created or installed here), from the repository root:
+#   python3 -m pip install -q --no-deps --no-build-isolation -e . && make gpu-check
+#   make gpu-check ONLY=bench-decode      # rerun one part; `python3 tools/gpu_check.py --list` names them
+#   make gpu-check DRY=1                  # the same plan on CPU (tiny shapes), with ./.venv's python if present
+# It runs $(PYTHON) as it finds it (python3: the image's); DRY=1 prefers the venv `make setup` made.
+OUT ?= gpu-out
+DRY ?=
+ONLY ?=
+GPU_CHECK_PYTHON = $(if $(and $(filter-out 0,$(DRY)),$(wildcard $(BIN)/python)),$(BIN)/python,$(PYTHON))
+
+gpu-check:
+	$(GPU_CHECK_PYTHON) tools/gpu_check.py --out "$(OUT)" $(if $(ONLY),--only "$(ONLY)") $(if $(filter-out 0,$(DRY)),--dry)

@@ -167,7 +167,7 @@ def test_named_hooks_make_the_compiled_step_run_eagerly(fresh_model):
     assert torch.equal(out, fresh_model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.cuda_graphs
 def test_cuda_graph_decode_captures_once_and_replays(models, batch):
     """On CUDA the runner captures its step in a CUDA graph on the first token and replays it for every later
     token and generate() call of that shape; the tokens stay the eager path's, and no step syncs the host."""

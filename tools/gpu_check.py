@@ -1,0 +1,345 @@
+"""The GPU check (issue 13): every GPU test and benchmark in one command, each part logged, timed and summarised.
+
+    make gpu-check                      # the whole plan: about 5 minutes on one H100
+    make gpu-check ONLY=bench-decode    # rerun one part (several: ONLY=kernel-tests,model-tests)
+    make gpu-check DRY=1                # the same plan on CPU: tiny shapes, Triton's interpreter
+    python tools/gpu_check.py --list    # the parts: budget, timeout, what each writes
+
+On the device machine (no network; the image has torch, triton, transformers and pytest) from the repository
+root, as one command of at most 10 minutes:
+
+    python3 -m pip install -q --no-deps --no-build-isolation -e . && make gpu-check   # or python3 tools/gpu_check.py
+
+Everything goes to --out (default $OUT, else ./gpu-out): <part>.log for each part (the command, then its
+stdout and stderr), the CSVs and JUnit XML files the parts write, and summary.txt: each part's status, wall
+time and budget, rewritten after every part so that even a killed run leaves one. Parts run in the plan's
+order, with compiled kernels (TRITON_INTERPRET=0); a failing part does not stop the next; the exit status
+is 1 if any part failed, timed out, or did not write what it promised.
+
+Tests: the kernel and model test files run whole; of the other test files, the tests marked
+@pytest.mark.gpu (or cuda_graphs, which implies gpu; tests/conftest.py registers both and skips them
+without CUDA).
+
+Time: the budgets add up to 300 s on an H100 (estimates until the first run measures them). A part is
+stopped at its timeout, and the whole plan at DEADLINE_S, so that the summary is written before the device
+tool's 10-minute limit. DRY=1 has neither: its CPU times say nothing about the GPU's.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from xml.etree import ElementTree
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+DEADLINE_S = 540        # the whole plan on the GPU; the device tool stops a command at 600 s
+DRY_TIMEOUT_S = 600     # per part in DRY mode (2 CPU cores, the Triton interpreter)
+GPU_BUDGET_S = 300      # what the budgets may add up to: issue 13's "total <= 5 minutes on an H100"
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str
+    what: str                       # one line: what it checks or measures
+    command: tuple[str, ...]        # argv, run from the repository root; "{out}" becomes the output folder
+    budget_s: int                   # expected wall time on one H100
+    timeout_s: int                  # stopped after this
+    writes: tuple[str, ...] = ()    # files under {out} besides <name>.log; a part that leaves one out failed
+    dry: tuple[str, ...] | None = None      # argv for DRY=1 (on CPU), when it differs
+    env: dict = field(default_factory=dict)  # extra environment for this part
+
+
+PYTEST = (PY, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", "--durations=10")
+KERNEL_TESTS = ("tests/test_flash_attention.py", "tests/test_decode_attention.py")
+MODEL_TESTS = ("tests/test_triton_model.py",)
+
+
+def pytest_part(name: str, what: str, targets: tuple, budget_s: int, timeout_s: int, gpu_only=()) -> Part:
+    """pytest over `targets`, its results also as JUnit XML; `gpu_only` arguments (e.g. -n 4) are left out on CPU."""
+    args = PYTEST + (f"--junitxml={{out}}/{name}.xml",)
+    return Part(name, what, args + tuple(gpu_only) + targets, budget_s, timeout_s, writes=(f"{name}.xml",),
+                dry=args + targets)
+
+
+def bench_part(name: str, what: str, script: str, gpu_args: tuple, dry_args: tuple, budget_s: int,
+               timeout_s: int, env: dict | None = None) -> Part:
+    """benchmarks/<script> writing its table to {out}/<name>.csv; on CPU with `dry_args` (--quick and such)."""
+    csv = ("--csv", f"{{out}}/{name}.csv")
+    return Part(name, what, (PY, f"benchmarks/{script}") + gpu_args + csv, budget_s, timeout_s,
+                writes=(f"{name}.csv",), dry=(PY, f"benchmarks/{script}") + dry_args + csv, env=env or {})
+
+
+PLAN = [
+    Part("env", "the machine: nvidia-smi, driver, GPU, torch/CUDA/triton/transformers versions",
+         (PY, "tools/gpu_check.py", "--environment"), budget_s=10, timeout_s=60),
+    pytest_part("kernel-tests", "flash and decode kernels vs fp64 references: fp32/fp16/bf16, GPU tile configs",
+                KERNEL_TESTS, budget_s=60, timeout_s=150, gpu_only=("-n", "4")),
+    pytest_part("model-tests", "whole model, triton vs sdpa on CUDA: logits, gradients, generation",
+                MODEL_TESTS, budget_s=25, timeout_s=90),
+    pytest_part("gpu-tests", "every other test marked gpu (or cuda_graphs): CUDA-graph decode and the like",
+                ("-m", "gpu", "tests") + tuple(f"--ignore={t}" for t in KERNEL_TESTS + MODEL_TESTS),
+                budget_s=45, timeout_s=120),
+    Part("sync-check", "a decode step and a training step under torch.cuda.set_sync_debug_mode('error')",
+         (PY, "tools/sync_check.py"), budget_s=15, timeout_s=60),
+    bench_part("bench-attention", "attention fwd, fwd+bwd and decode kernel vs SDPA flash/mem-eff, bf16",
+               "attention.py", ("--dtype", "bf16"), ("--quick", "--warmup", "0", "--repeats", "1"),
+               budget_s=40, timeout_s=120),
+    bench_part("bench-decode", "greedy decode B=1 and B=8, eager and compile=True (CUDA graphs) vs transformers",
+               "decode.py", ("--dtype", "bfloat16", "--compile", "--batches", "1", "8", "--new-tokens", "128"),
+               ("--quick", "--batches", "1", "8"), budget_s=80, timeout_s=180,
+               env={"TORCH_LOGS": "graph_breaks,recompiles"}),
+    bench_part("bench-train", "one training step, 124M, 16x1024, bf16 autocast, vs transformers; MFU",
+               "train_step.py", ("--autocast", "bfloat16", "--shapes", "16x1024"), ("--quick",),
+               budget_s=25, timeout_s=90),
+]
+PARTS = {p.name: p for p in PLAN}
+
+
+# ---- running the plan --------------------------------------------------------------------------------------
+
+@dataclass
+class Result:
+    part: Part
+    status: str         # "ok", "FAILED (exit 1)", "TIMEOUT (120 s)", "MISSING x.csv", "not run (deadline)"
+    wall_s: float = 0.0
+    note: str = ""      # what it produced: test counts, CSV rows
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def part_env(part: Part, dry: bool) -> dict:
+    return {**os.environ, "TRITON_INTERPRET": "1" if dry else "0", "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", **part.env}
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """End a part's process group (pytest's workers, spawned kernel processes): SIGTERM, then SIGKILL."""
+    for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def produced(out: str, names: list[str]) -> str:
+    """A short account of files a part wrote: pytest's counts from JUnit XML, rows of a CSV."""
+    notes = []
+    for name in names:
+        path = os.path.join(out, name)
+        if name.endswith(".xml"):
+            suite = ElementTree.parse(path).getroot()
+            suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+            n = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+            passed = n["tests"] - n["failures"] - n["errors"] - n["skipped"]
+            notes.append(", ".join(f"{v} {k}" for k, v in (("passed", passed), ("failed", n["failures"]),
+                                                           ("errors", n["errors"]), ("skipped", n["skipped"])) if v))
+        elif name.endswith(".csv"):
+            with open(path) as f:
+                rows = max(sum(1 for _ in f) - 1, 0)
+                notes.append(f"{rows} row{'s' * (rows != 1)} in {name}")
+    return "; ".join(notes)
+
+
+def run_part(part: Part, out: str, dry: bool, limit_s: float) -> Result:
+    """Run one part with its output in <out>/<name>.log, stopped after limit_s seconds."""
+    argv = [a.replace("{out}", out) for a in (part.dry if dry and part.dry else part.command)]
+    for name in part.writes:   # a file left by an earlier run must not pass for this run's
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+    t0 = time.monotonic()
+    with open(os.path.join(out, f"{part.name}.log"), "w") as log:
+        log.write(f"$ {shlex.join(argv)}\n")
+        log.flush()
+        proc = subprocess.Popen(argv, cwd=ROOT, env=part_env(part, dry), stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=limit_s)
+        except subprocess.TimeoutExpired:
+            rc = None
+        except KeyboardInterrupt:
+            stop(proc)
+            raise
+        if rc is None:
+            stop(proc)
+            log.write(f"\n[gpu-check] stopped after {limit_s:.0f} s\n")
+    wall = time.monotonic() - t0
+    missing = [n for n in part.writes if not os.path.exists(os.path.join(out, n))]
+    try:
+        note = produced(out, [n for n in part.writes if n not in missing])
+    except (OSError, ElementTree.ParseError) as e:
+        note = f"unreadable output: {e}"
+    if rc is None:
+        status = f"TIMEOUT ({limit_s:.0f} s)"
+    elif rc != 0:
+        status = f"FAILED (exit {rc})"
+    elif missing:
+        status = "MISSING " + ", ".join(missing)
+    else:
+        status = "ok"
+    return Result(part, status, wall, note)
+
+
+def time_limits(parts: list[Part], deadline_s: float | None, dry: bool):
+    """Yield (part, seconds it may run, or None when no time is left) as the parts run. A part may use its
+    timeout, but not the time the later parts' budgets need (unless that would leave it less than its own
+    budget), and never runs past the deadline."""
+    if dry or deadline_s is None:
+        for part in parts:
+            yield part, (DRY_TIMEOUT_S if dry else part.timeout_s)
+        return
+    end = time.monotonic() + deadline_s
+    for i, part in enumerate(parts):
+        left = end - time.monotonic()
+        later = sum(p.budget_s for p in parts[i + 1:])
+        limit = min(part.timeout_s, max(part.budget_s, left - later), left)
+        yield part, (limit if limit >= 1 else None)
+
+
+def run_plan(parts: list[Part], out: str, dry: bool = False, deadline_s: float | None = DEADLINE_S) -> list[Result]:
+    os.makedirs(out, exist_ok=True)
+    results = []
+    for part, limit in time_limits(parts, deadline_s, dry):
+        if limit is None:
+            results.append(Result(part, "not run (deadline)"))
+        else:
+            print(f"[gpu-check] {part.name}: {part.what} (budget {part.budget_s} s, limit {limit:.0f} s)",
+                  flush=True)
+            results.append(run_part(part, out, dry, limit))
+            r = results[-1]
+            print(f"[gpu-check] {part.name}: {r.status} in {r.wall_s:.1f} s  {r.note}", flush=True)
+        write_summary(results, out, dry)
+    return results
+
+
+# ---- reporting ---------------------------------------------------------------------------------------------
+
+def summary_table(results: list[Result], dry: bool) -> str:
+    mode = "DRY=1 (CPU, Triton interpreter)" if dry else "GPU (TRITON_INTERPRET=0)"
+    lines = [f"# make gpu-check, {mode}, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; machine: env.log",
+             f"{'part':<16}{'status':<22}{'wall s':>8}{'budget s':>10}  note"]
+    for r in results:
+        lines.append(f"{r.part.name:<16}{r.status:<22}{r.wall_s:>8.1f}{r.part.budget_s:>10}  {r.note}")
+    failed = [r.part.name for r in results if not r.ok]
+    lines.append(f"{'total':<16}{'ok' if not failed else f'{len(failed)} failed':<22}"
+                 f"{sum(r.wall_s for r in results):>8.1f}{sum(r.part.budget_s for r in results):>10}  "
+                 + (f"failed: {', '.join(failed)}" if failed else ""))
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(results: list[Result], out: str, dry: bool) -> None:
+    with open(os.path.join(out, "summary.txt"), "w") as f:
+        f.write(summary_table(results, dry))
+
+
+def log_tail(out: str, name: str, lines: int = 25) -> str:
+    with open(os.path.join(out, f"{name}.log"), errors="replace") as f:
+        return "".join(f.readlines()[-lines:])
+
+
+def plan_listing(parts: list[Part]) -> str:
+    lines = [f"{'part':<16}{'budget s':>9}{'timeout s':>10}  {'writes (and <part>.log)':<25}what"]
+    for p in parts:
+        lines.append(f"{p.name:<16}{p.budget_s:>9}{p.timeout_s:>10}  {', '.join(p.writes) or '-':<25}{p.what}")
+    lines.append(f"{'total':<16}{sum(p.budget_s for p in parts):>9}{'':>10}  (deadline {DEADLINE_S} s)")
+    return "\n".join(lines)
+
+
+# ---- the env part ------------------------------------------------------------------------------------------
+
+def describe_environment() -> None:
+    """Print what the numbers depend on: GPU, driver, CUDA, library versions, this checkout."""
+    import platform
+    from importlib import metadata
+    import torch   # here, not at the top: the runner itself never imports torch (no CUDA context of its own)
+
+    print(f"# nanogpt2 gpu-check environment, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
+    print(f"python {platform.python_version()} ({sys.executable}); {platform.platform()}; {os.cpu_count()} CPUs")
+    versions = []
+    for package in ("torch", "triton", "transformers", "peft", "safetensors", "tiktoken", "numpy", "pytest",
+                    "pytest-xdist", "hypothesis", "nanogpt2"):
+        try:
+            versions.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{package} (not installed)")
+    print("; ".join(versions))
+    print(f"torch CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}")
+    import nanogpt2
+    print(f"nanogpt2 imported from {os.path.dirname(nanogpt2.__file__)}")
+    print("environment: " + ", ".join(f"{k}={os.environ.get(k, '')}" for k in
+                                       ("TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES", "TRITON_CACHE_DIR", "OUT")))
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            print(f"cuda:{i} {p.name}, compute capability {p.major}.{p.minor}, {p.multi_processor_count} SMs, "
+                  f"{p.total_memory / 2**30:.1f} GiB, bf16 {torch.cuda.is_bf16_supported()}")
+    else:
+        print("torch.cuda.is_available(): False (no GPU: a DRY run)")
+    for argv in (["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem,"
+                  "power.limit,pstate,temperature.gpu", "--format=csv"], ["nvidia-smi"],
+                 ["git", "-C", ROOT, "log", "-1", "--format=commit %H %cd"], ["git", "-C", ROOT, "status", "--short"]):
+        print(f"\n$ {shlex.join(argv)}", flush=True)
+        try:
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+            print((r.stdout + r.stderr).rstrip() or f"(no output, exit {r.returncode})")
+        except (OSError, subprocess.TimeoutExpired) as e:
+            print(f"(not available: {e})")
+
+
+# ---- command line ------------------------------------------------------------------------------------------
+
+def parse_only(text: str) -> list[Part]:
+    names = [n.strip() for n in text.replace(",", " ").split() if n.strip()]
+    unknown = [n for n in names if n not in PARTS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown part {', '.join(map(repr, unknown)) or repr(text)}; "
+                                         f"the parts: {', '.join(PARTS)}")
+    return [p for p in PLAN if p.name in names]   # plan order, whatever order they were named in
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 epilog="The parts:\n" + plan_listing(PLAN),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--list", action="store_true", help="print the parts and exit")
+    ap.add_argument("--only", type=parse_only, default=None, metavar="PART[,PART]",
+                    help="run only these parts (in the plan's order)")
+    ap.add_argument("--dry", action="store_true", help="the same plan on CPU: tiny shapes, Triton's interpreter")
+    ap.add_argument("--out", default=os.environ.get("OUT") or "gpu-out",
+                    help="folder for logs, CSVs and summary.txt (default: $OUT, else ./gpu-out)")
+    ap.add_argument("--environment", action="store_true", help="print the machine's description (the env part)")
+    args = ap.parse_args(argv)
+    if args.list:
+        print(plan_listing(PLAN))
+        return 0
+    if args.environment:
+        describe_environment()
+        return 0
+    out = os.path.abspath(args.out)
+    if not args.dry and shutil.which("nvidia-smi") is None:
+        print("[gpu-check] no nvidia-smi on PATH: if this machine has no GPU, DRY=1 (--dry) is the CPU plan",
+              flush=True)
+    results = run_plan(args.only or PLAN, out, dry=args.dry)
+    for r in results:
+        if not r.ok and os.path.exists(os.path.join(out, f"{r.part.name}.log")):
+            print(f"\n---- {r.part.name}: {r.status}; the end of {r.part.name}.log ----\n"
+                  f"{log_tail(out, r.part.name)}", end="")
+    print(f"\n{summary_table(results, args.dry)}(logs, CSVs and summary.txt in {out})")
+    return 0 if all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
