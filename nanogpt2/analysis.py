@@ -1,4 +1,5 @@
-"""Feature extraction and analysis on the named activation points (hooks.py): the logit lens and attention maps.
+"""Feature extraction and analysis on the named activation points (hooks.py): the logit lens and attention maps,
+and (re-exported from their modules) the activation cache's decompositions and weight processing.
 
 The logic behind tools/logit_lens.py and tools/attention_map.py, importable for notebooks and experiments:
 
@@ -6,6 +7,8 @@ The logic behind tools/logit_lens.py and tools/attention_map.py, importable for 
     probs, ids = logit_lens_top_k(model, input_ids, k=5)
     maps = attention_maps(model, input_ids, layer=3)  # (B, H, T, T) probabilities, from any backend
     plot_attention(maps[0], [token_label(i) for i in input_ids[0]], "attn.png", head=None)  # grid of heads
+    logits, cache = model.run_with_cache(input_ids)   # an ActivationCache (activations.py): DLA, decompositions
+    process_weights(model)                            # fold LayerNorms, centre weights (weight_processing.py)
 
 The logit lens (nostalgebraist, "interpreting GPT: the logit lens", 2020) decodes the residual stream after
 the embedding and after every block with the model's own final LayerNorm and unembedding (ln_f + lm_head),
@@ -18,6 +21,10 @@ import math
 from typing import Optional, Sequence
 
 import torch
+
+from .activations import ActivationCache  # noqa: F401  (re-exported: what run_with_cache returns)
+from .attention_view import attention_html  # noqa: F401  (re-exported: the interactive HTML view)
+from .weight_processing import process_weights  # noqa: F401  (re-exported)
 
 VIZ_HINT = "pip install 'nanogpt2[viz]' (or: pip install matplotlib)"
 

@@ -81,6 +81,7 @@ class AttentionMask:
     q_len: int
     key_padding: Optional[torch.Tensor] = None
     _dense: Optional[torch.Tensor] = None
+    _blocked: Optional[torch.Tensor] = None
     _kv_start: Optional[torch.Tensor] = None
     _left_padded: Optional[bool] = None
     # fixed-shape decode (cache.StaticSlot): int32 (B,) valid positions per row, the keys being the whole buffer
@@ -129,6 +130,16 @@ class AttentionMask:
                 self_only = (k_pos == q_pos)[None, None]
                 self._dense = causal & (real | self_only)
         return self._dense
+
+    def blocked(self, device) -> Optional[torch.Tensor]:
+        """The positions a query may not see, [B or 1, 1, q_len, S] bool (True = masked), for the eager path's
+        masked_fill; None when every query sees every key. Made once and shared by every layer of a forward."""
+        if self._blocked is None:
+            dense = self.dense(device)
+            if dense is None and self.q_len > 1:   # square causal
+                dense = torch.ones(self.q_len, self.kv_len, dtype=torch.bool, device=device).tril()
+            self._blocked = None if dense is None else ~dense
+        return self._blocked
 
     def padding_queries(self) -> Optional[torch.Tensor]:
         """(B, 1, q_len, 1) bool, True where the query itself is padding; None when no query is. A fixed-shape
@@ -194,12 +205,10 @@ def _eager(q, k, v, mask, scale, dropout_p, upcast, probs_hook=None):
     if upcast:  # transformers' _upcast_and_reordered_attn: scale folded in before an fp32 matmul
         scores = torch.matmul(q.float() * scale, k.float().transpose(-1, -2))
     else:
-        scores = torch.matmul(q, k.transpose(-1, -2)) * scale                  # (B, H, T, S)
-    dense = mask.dense(q.device)
-    if dense is None and mask.q_len > 1:
-        dense = torch.ones(mask.q_len, mask.kv_len, dtype=torch.bool, device=q.device).tril()
-    if dense is not None:
-        scores = scores.masked_fill(~dense, torch.finfo(scores.dtype).min)
+        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)              # (B, H, T, S)
+    blocked = mask.blocked(q.device)
+    if blocked is not None:   # in place: scores is ours, and neither matmul nor a scalar mul saves it for backward
+        scores.masked_fill_(blocked, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     pad = mask.padding_queries()
     if pad is not None:   # a padding query attends to nothing (see AttentionMask)

@@ -1,5 +1,8 @@
 """Named activation points: read (run_with_cache) or rewrite (hooks) any intermediate tensor of the model.
 
+run_with_cache returns an ActivationCache (activations.py): the recorded tensors by name, plus residual-stream
+decomposition and direct logit attribution.
+
 The points, in forward order (shapes for input (B, T) with S = cached + new positions, C = n_embd,
 H = n_head, D = head_dim, F = inner MLP width):
 
@@ -30,6 +33,8 @@ import re
 from typing import Callable, Iterable, Optional
 
 import torch
+
+from .activations import ActivationCache
 
 BLOCK_POINTS = ("ln_1", "attn.q", "attn.k", "attn.v", "attn.pattern", "attn.z", "attn.out", "resid_mid", "ln_2",
                 "mlp.pre", "mlp.post", "mlp.out", "resid_post")
@@ -116,25 +121,61 @@ class HooksMixin:
         return self._registry().added(hooks)
 
     @contextlib.contextmanager
-    def recording(self, names: Optional[Iterable[str]] = None):
+    def recording(self, names: Optional[Iterable[str]] = None, device=None):
         """Context manager yielding a dict that fills with {name: detached tensor} for the named points (all when
         names is None) computed inside the block: by a forward, a generate step, anything. A point computed
-        twice keeps its last value."""
+        twice keeps its last value. device: copy each tensor there as it is made (None: leave it where it is)."""
         names = self.activation_names() if names is None else check_names(names, self.config.n_layer)
         acts: dict[str, torch.Tensor] = {}
 
         def store(x, name):
-            acts[name] = x.detach()
+            acts[name] = x.detach() if device is None else x.detach().to(device)
 
         with self.hooks({name: store for name in names}):
             yield acts
 
-    def run_with_cache(self, input_ids=None, names: Optional[Iterable[str]] = None, **forward_kwargs):
-        """(logits, {name: tensor}) for the named points (all when names is None), in forward order. Tensors are
-        detached. On a GPT2Model the first element is last_hidden_state. Works with attention_mask, left padding
-        and past_key_values like any forward."""
-        names = self.activation_names() if names is None else check_names(names, self.config.n_layer)
-        with self.recording(names) as acts:
-            out = self(input_ids, **forward_kwargs)
-        main = out.logits if out.logits is not None else out.last_hidden_state
-        return main, {name: acts[name] for name in names if name in acts}
+    def run_with_cache(self, input_ids=None, names: Optional[Iterable[str]] = None, device=None,
+                       stop_at_layer: Optional[int] = None, **forward_kwargs):
+        """(logits, ActivationCache) for the named points (all when names is None), in forward order; the cache
+        is a {name: detached tensor} dict with analysis methods (activations.py). On a GPT2Model the first
+        element is last_hidden_state. Works with attention_mask, left padding and past_key_values like any
+        forward.
+
+        device: put the cached tensors there (e.g. "cpu" to keep GPU memory for the model); the logits stay on
+        the model's device. stop_at_layer=k: run the embedding and blocks [0, k) only, and return the residual
+        stream before block k (B, T, C) in place of the logits (TransformerLens's meaning; k in [0, n_layer]).
+        Nothing after that point is computed: a hook there ends the forward."""
+        L = self.config.n_layer
+        names = self.activation_names() if names is None else check_names(names, L)
+        stop_hook = {}
+        if stop_at_layer is not None:
+            if isinstance(stop_at_layer, bool) or not (isinstance(stop_at_layer, int) and 0 <= stop_at_layer <= L):
+                raise ValueError(f"stop_at_layer {stop_at_layer!r} out of range [0, {L}] (stop before block k; "
+                                 f"{L} = after the last block, before ln_f)")
+            if forward_kwargs.get("past_key_values") is not None:
+                raise ValueError("stop_at_layer with past_key_values would leave the KV cache half-written "
+                                 "(blocks before the stop appended, the rest not): run without one")
+            stop_hook = {"embed" if stop_at_layer == 0 else f"h.{stop_at_layer - 1}.resid_post": _stop_forward}
+        with self.recording(names, device=device) as acts, self.hooks(stop_hook):
+            try:
+                out = self(input_ids, **forward_kwargs)
+                main = out.logits if out.logits is not None else out.last_hidden_state
+            except _StopForward as stop:
+                main = stop.resid
+        cache = ActivationCache({name: acts[name] for name in names if name in acts}, self, input_ids=input_ids,
+                                inputs_embeds=forward_kwargs.get("inputs_embeds"),
+                                token_type_ids=forward_kwargs.get("token_type_ids"))
+        return main, cache
+
+
+class _StopForward(Exception):
+    """Raised by run_with_cache's hook at the stop point, carrying the residual stream there; caught by
+    run_with_cache alone."""
+
+    def __init__(self, resid: torch.Tensor):
+        super().__init__("forward stopped by run_with_cache(stop_at_layer=...)")
+        self.resid = resid
+
+
+def _stop_forward(x: torch.Tensor, name: str):
+    raise _StopForward(x)
