@@ -2,6 +2,8 @@
 
 flash_attention   fused causal attention for prefill and training (forward + backward)
 decode_attention  one new token per row against a KV cache (split-K + log-sum-exp merge)
+_ops              how each launcher becomes a torch custom op (torch.ops.nanogpt2.*), so that
+                  torch.compile and CUDA graphs see one node per kernel call
 """
 
 from .decode_attention import decode_attention

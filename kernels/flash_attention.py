@@ -1,4 +1,4 @@
-"""Fused (causal) attention in Triton, FlashAttention-2 style: forward, backward, autograd.Function.
+"""Fused (causal) attention in Triton, FlashAttention-2 style: forward, backward, and their custom ops.
 
 softmax(q·kᵀ·scale)·v without ever materialising the [T, T] score matrix: each program keeps one
 block of queries on chip and streams the keys and values past it, maintaining a running
@@ -6,25 +6,29 @@ block of queries on chip and streams the keys and values past it, maintaining a 
 (Dao, 2023, arXiv:2307.08691), which the comments cite as "FA2 §x".
 
 Shapes: q, k, v are (B, nh, T, hs) with any strides (typically views of one fused (B, T, 3, nh, hs)
-c_attn output); the kernels read them through their strides, so no copies are made.
+c_attn output); the kernels read them through their strides, so no copies are made. Outputs and
+gradients are (B, nh, T, hs) views of (B, T, nh, hs) memory, so merging heads afterwards is free.
 Public entry points:
     flash_attention(q, k, v, causal=True, sm_scale=None, kv_start=None)     differentiable
-    flash_attention_with_lse(...)  -> (out, lse)                            forward only
+    flash_attention_with_lse(...)  -> (out, lse)                            differentiable, both outputs
     attention_probs_from_lse(q, k, lse, ...)                                pure torch, for attention maps
+The launchers are custom ops (torch.ops.nanogpt2.flash_attention_fwd / _bwd, see _ops.py) with the
+backward registered as their autograd formula: torch.compile and CUDA graphs see one op per call.
 """
 
-import contextlib
 import math
-import os
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from . import _ops
+
 # Triton's interpreter (TRITON_INTERPRET=1, read when triton is imported) runs these kernels on
 # CPU with numpy; there we use small blocks so the tests stay fast.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = _ops.INTERPRET
 
 # exp(x) == exp2(x·log2 e); exp2 is the native instruction on GPUs. (The kernels spell out
 # log2 e = 1.4426950408889634 and ln 2 = 0.6931471805599453 as literals: @triton.jit functions
@@ -62,6 +66,22 @@ def _key_block_ranges(start_m, kv_lo, T, BLOCK_M: tl.constexpr, BLOCK_N: tl.cons
     mid_hi = tl.maximum(mid_hi, mid_lo)
     head_hi = tl.minimum(mid_lo, hi)
     return lo, head_hi, mid_lo, mid_hi, hi
+
+
+@triton.jit
+def _query_block(CAUSAL: tl.constexpr):
+    """Index of this program's query block along grid axis 1, heaviest first when CAUSAL.
+
+    With causal masking, query block i visits i + 1 key blocks, so the last block does the most work.
+    GPUs hand out programs in launch order (axis 0 fastest), so launching the heavy blocks first and the
+    light ones last fills the tail of the run with short programs instead of leaving one long straggler:
+    "longest processing time first", as FlashAttention-3's causal tile scheduler does
+    (SingleTileLPTScheduler in flash_attn's tile_scheduler).
+    """
+    pid_m = tl.program_id(1)
+    if CAUSAL:
+        pid_m = tl.num_programs(1) - 1 - pid_m
+    return pid_m
 
 
 @triton.jit
@@ -116,7 +136,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q,
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])  # see _launch: one compiled kernel for every sequence length
 def _attn_fwd(Q, K, V, Out, LSE, KV_START,
               stride_qb, stride_qh, stride_qt, stride_qd,
               stride_kb, stride_kh, stride_kt, stride_kd,
@@ -125,10 +145,11 @@ def _attn_fwd(Q, K, V, Out, LSE, KV_START,
               H, T, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    # grid = (cdiv(T, BLOCK_M), B·nh): one program per block of BLOCK_M query rows of one head.
+    # grid = (B·nh, cdiv(T, BLOCK_M)): one program per block of BLOCK_M query rows of one head.
     # Parallelising over query blocks as well as batch·heads is FA2 §3.2 (better occupancy at long T).
-    start_m = tl.program_id(0) * BLOCK_M
-    off_bh = tl.program_id(1)
+    # B·nh goes on axis 0 because CUDA caps grid axes 1 and 2 at 65535 (axis 0 at 2**31 - 1).
+    off_bh = tl.program_id(0)
+    start_m = _query_block(CAUSAL) * BLOCK_M
     off_b = off_bh // H
     off_h = off_bh % H
     # int64 base offsets: B·stride_b can pass 2**31 elements for big batches
@@ -192,14 +213,14 @@ def _attn_fwd(Q, K, V, Out, LSE, KV_START,
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _attn_bwd_preprocess(O, DO, Delta,
                          stride_ob, stride_oh, stride_ot, stride_od,
                          stride_dob, stride_doh, stride_dot, stride_dod,
                          H, T, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    # Δ_i = Σ_d dO_id·O_id  (= Σ_j P_ij·dP_ij), one fp32 per query row: (B, nh, T)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    off_bh = tl.program_id(1)
+    # Δ_i = Σ_d dO_id·O_id  (= Σ_j P_ij·dP_ij), one fp32 per query row: (B, nh, T); grid (B·nh, cdiv(T, BLOCK_M))
+    off_bh = tl.program_id(0)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     off_b = off_bh // H
     off_h = off_bh % H
     offs_d = tl.arange(0, HEAD_DIM)
@@ -248,7 +269,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v,
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, KV_START,
                    stride_qb, stride_qh, stride_qt, stride_qd,
                    stride_kb, stride_kh, stride_kt, stride_kd,
@@ -259,10 +280,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, KV_START,
                    H, T, sm_scale, qk_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    # grid = (cdiv(T, BLOCK_N), B·nh): one program owns one key block and loops over query blocks,
+    # grid = (B·nh, cdiv(T, BLOCK_N)): one program owns one key block and loops over query blocks,
     # so it alone writes its rows of dK and dV (FA2 §3.2: parallelise the backward over keys).
-    start_n = tl.program_id(0) * BLOCK_N
-    off_bh = tl.program_id(1)
+    # Causal: key block 0 is seen by every query, so the heaviest programs already launch first.
+    off_bh = tl.program_id(0)
+    start_n = tl.program_id(1) * BLOCK_N
     off_b = off_bh // H
     off_h = off_bh % H
     q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
@@ -351,7 +373,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta,
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, KV_START,
                  stride_qb, stride_qh, stride_qt, stride_qd,
                  stride_kb, stride_kh, stride_kt, stride_kd,
@@ -361,10 +383,10 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, KV_START,
                  H, T, sm_scale, qk_scale,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    # grid = (cdiv(T, BLOCK_M), B·nh): one program owns one query block and loops over key blocks,
-    # the same walk as the forward (so the same three runs of masked/unmasked blocks).
-    start_m = tl.program_id(0) * BLOCK_M
-    off_bh = tl.program_id(1)
+    # grid = (B·nh, cdiv(T, BLOCK_M)): one program owns one query block and loops over key blocks,
+    # the same walk as the forward (so the same three runs of masked/unmasked blocks, heaviest first).
+    off_bh = tl.program_id(0)
+    start_m = _query_block(CAUSAL) * BLOCK_M
     off_b = off_bh // H
     off_h = off_bh % H
     q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
@@ -414,27 +436,44 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, KV_START,
 # Each list runs from the config we expect to be fastest down to small tiles; when a GPU lacks the
 # shared memory for one (consumer cards have ~100 KB per block, an A100 163 KB, an H100 227 KB),
 # Triton raises OutOfResources before launching and we take the next.
-# Entries are (BLOCK_M, BLOCK_N, num_warps, num_stages); fp32 tiles are twice the bytes.
+# Entries are (BLOCK_M, BLOCK_N, num_warps, num_stages).
+#
+# The first configs were sized by compiling each kernel for sm_90 ahead of time (Triton 3.9's
+# frontend and ptxas -v, no GPU needed) so that none spills registers; the bigger candidates did:
+#   forward d=128, 128×64 on 4 warps: 1004 B of spills; 128×128 on 8 warps: 12-168 B
+#   dK/dV d=64, 32×128 on 4 warps: 48 B
+#   fp32 with IEEE dots (torch's default "highest"): FMA dots hold whole tiles in registers, so a
+#   64×32 forward spilled 1-8 KB and the d=128 backward 43-91 KB (and took a minute to compile)
+# tests/test_flash_attention.py::test_compiled_kernel_resources_gpu reads the real numbers on a GPU.
+
+
+def _tutorial_keeps(config):
+    """Triton's 06-fused-attention prunes forward configs with 8 warps on tiles smaller than 128×128
+    (`keep()`, applied on Hopper): 8 warps then hold too few rows each to feed wgmma well. Every
+    forward config below passes this rule on every GPU (tests/test_flash_attention.py checks)."""
+    block_m, block_n, num_warps, _ = config
+    return not (block_m * block_n < 128 * 128 and num_warps == 8)
 
 
 def _fwd_configs(head_dim, dtype):
     if _INTERPRET:  # BLOCK_M > BLOCK_N on purpose: the CPU tests then cover multi-block diagonals
         return [(32, 16, 4, 1)]
-    if dtype == torch.float32:
-        return [(64, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)]
+    if dtype == torch.float32:  # small tiles: fp32 is the accurate path, not the fast one
+        return [(32, 32, 4, 2), (16, 16, 4, 1)] if head_dim <= 64 else [(16, 16, 4, 2), (16, 16, 4, 1)]
     if head_dim <= 64:
         return [(128, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 1), (16, 16, 4, 1)]
-    return [(128, 64, 8, 3), (128, 32, 8, 2), (64, 32, 4, 1), (16, 16, 4, 1)]
+    # head dim 128: the (128, HEAD_DIM) fp32 accumulator alone is 128 registers a thread at 128×N on
+    # 4 warps (it spilled), and 8 warps on a tile under 128×128 is what the tutorial prunes: 64×64.
+    return [(64, 64, 4, 3), (64, 32, 4, 2), (16, 16, 4, 1)]
 
 
 def _bwd_dkdv_configs(head_dim, dtype):
-    # (BLOCK_M = query rows per step, BLOCK_N = keys owned by the program, ...); BLOCK_N % BLOCK_M == 0
+    # (BLOCK_M = query rows per step, BLOCK_N = keys owned by the program, ...); BLOCK_N % BLOCK_M == 0.
+    # dK and dV are two (BLOCK_N, HEAD_DIM) fp32 accumulators: 8 warps share them (4 spilled at d=64).
     if _INTERPRET:
         return [(16, 32, 4, 1)]
     if dtype == torch.float32:
-        return [(32, 64, 4, 2), (16, 32, 4, 1), (16, 16, 4, 1)]
-    if head_dim <= 64:
-        return [(32, 128, 4, 3), (32, 64, 4, 2), (16, 32, 4, 1), (16, 16, 4, 1)]
+        return [(16, 32, 4, 2), (16, 16, 4, 1)] if head_dim <= 64 else [(16, 16, 4, 2), (16, 16, 4, 1)]
     return [(32, 128, 8, 2), (32, 64, 4, 2), (16, 32, 4, 1), (16, 16, 4, 1)]
 
 
@@ -443,18 +482,23 @@ def _bwd_dq_configs(head_dim, dtype):
     if _INTERPRET:
         return [(32, 16, 4, 1)]
     if dtype == torch.float32:
-        return [(64, 32, 4, 2), (32, 16, 4, 1), (16, 16, 4, 1)]
+        return [(32, 16, 4, 2), (16, 16, 4, 1)] if head_dim <= 64 else [(16, 16, 4, 2), (16, 16, 4, 1)]
     if head_dim <= 64:
         return [(128, 32, 4, 3), (64, 32, 4, 2), (32, 16, 4, 1), (16, 16, 4, 1)]
     return [(128, 32, 8, 2), (64, 32, 4, 2), (32, 16, 4, 1), (16, 16, 4, 1)]
 
 
-_CONFIG_THAT_FITS = {}  # (kernel, head dim, dtype, device) -> index of the first config that fit
+_CONFIG_THAT_FITS = {}  # (kernel name, head dim, dtype, device) -> index of the first config that fit
 
 
-def _launch(kernel, configs, grid_for, args, constexprs, device):
-    """Launch kernel[grid](*args) with the first config that fits this GPU; remember the choice."""
-    key = (id(kernel), constexprs["HEAD_DIM"], args[0].dtype, device)
+def _launch(name, kernel, configs, grid_for, args, constexprs, device):
+    """Launch kernel[grid](*args) with the first config that fits this GPU; remember the choice.
+
+    Runs inside a custom op (see _ops.py), so torch.compile never traces this try/except: eagerly it
+    runs on every call; under compile once, on fake tensors, where nothing raises and the config
+    remembered from an eager call (else the first) is the one Inductor compiles.
+    """
+    key = (name, constexprs["HEAD_DIM"], args[0].dtype, device)
     first = _CONFIG_THAT_FITS.get(key, 0)
     for i in range(first, len(configs)):
         block_m, block_n, num_warps, num_stages = configs[i]
@@ -478,8 +522,11 @@ def _dot_precision(dtype):
 
 
 # ----------------------------------------------------------------------------------------------
-# Python side: validation, launchers, autograd
+# Python side: validation, launchers (as custom ops), autograd
 # ----------------------------------------------------------------------------------------------
+
+# Grid axis 1 holds the query (or key) blocks: CUDA allows 65535 there, and the smallest block is 16 rows.
+MAX_T = 65535 * 16
 
 
 def _check_device(t, name):
@@ -491,6 +538,14 @@ def _check_device(t, name):
         f"{name} is on {t.device}; the Triton kernels need CUDA tensors "
         "(or TRITON_INTERPRET=1 set before triton is imported, to run them slowly on CPU)"
     )
+
+
+def _check_slice_fits_int32(t, name):
+    # The kernels add int64 offsets for batch and head, then int32 ones within a (batch, head) slice.
+    span = sum((n - 1) * abs(s) for n, s in zip(t.shape[2:], t.stride()[2:]))
+    if span >= 2**31:
+        raise ValueError(f"{name}: one (batch, head) slice spans {span} elements, more than the kernels' "
+                         f"int32 offsets address (2**31 - 1); make it contiguous or split the sequence")
 
 
 def _check_inputs(q, k, v, kv_start, sm_scale):
@@ -507,6 +562,8 @@ def _check_inputs(q, k, v, kv_start, sm_scale):
     head_dim = q.shape[-1]
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"head dim {head_dim} not supported; valid: {HEAD_DIMS}")
+    if q.shape[2] > MAX_T:
+        raise ValueError(f"sequence length {q.shape[2]} exceeds {MAX_T} (65535 query blocks of 16 rows)")
     if q.dtype not in DTYPES:
         raise TypeError(f"dtype {q.dtype} not supported; valid: {DTYPES}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
@@ -514,6 +571,8 @@ def _check_inputs(q, k, v, kv_start, sm_scale):
     if k.device != q.device or v.device != q.device:
         raise ValueError(f"q, k, v must be on one device; got q {q.device}, k {k.device}, v {v.device}")
     _check_device(q, "q")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_slice_fits_int32(t, name)
     if sm_scale is not None and not (isinstance(sm_scale, (int, float)) and math.isfinite(sm_scale)):
         raise ValueError(f"sm_scale must be a finite float or None, got {sm_scale!r}")
     if kv_start is not None:
@@ -531,10 +590,18 @@ def _strides(t):
     return tuple(t.stride())
 
 
-def _flash_fwd(q, k, v, causal, sm_scale, kv_start):
+def _empty_bthd(B, H, T, D, dtype, device):
+    """A (B, nh, T, hs) tensor laid out as (B, T, nh, hs) in memory, as SDPA returns when q is a view of
+    c_attn's output: the model's head merge `.transpose(1, 2).reshape(B, T, C)` is then a view, not a copy."""
+    return torch.empty_strided((B, H, T, D), (T * H * D, D, H * D, 1), dtype=dtype, device=device)
+
+
+@_ops.register("nanogpt2::flash_attention_fwd")
+def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: Optional[torch.Tensor],
+               causal: bool, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the forward kernel. Returns out (B, nh, T, hs) in q's dtype and lse (B, nh, T) fp32."""
     B, H, T, D = q.shape
-    out = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
+    out = _empty_bthd(B, H, T, D, q.dtype, q.device)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
@@ -543,54 +610,67 @@ def _flash_fwd(q, k, v, causal, sm_scale, kv_start):
             H, T, sm_scale * LOG2E)
     constexprs = dict(HEAD_DIM=D, CAUSAL=causal, HAS_KV_START=kv_start is not None,
                       DOT_PRECISION=_dot_precision(q.dtype))
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        _launch(_attn_fwd, _fwd_configs(D, q.dtype), lambda bm, bn: (triton.cdiv(T, bm), B * H),
-                args, constexprs, q.device)
+    with _ops.on_device(q):
+        _launch("fwd", _ops.launch(_attn_fwd), _fwd_configs(D, q.dtype),
+                lambda bm, bn: (B * H, triton.cdiv(T, bm)), args, constexprs, q.device)
     return out, lse
 
 
-def _flash_bwd(do, q, k, v, out, lse, causal, sm_scale, kv_start):
+@_ops.register("nanogpt2::flash_attention_bwd")
+def _flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+               lse: torch.Tensor, dlse: Optional[torch.Tensor], kv_start: Optional[torch.Tensor],
+               causal: bool, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the backward kernels. dlse, the gradient of lse (None when lse was not used), enters as
+    Δ − dlse: ∂lse_i/∂s_ij = P_ij, so it adds dlse_i·P_ij to dS_ij = P_ij·(dP_ij − Δ_i)."""
     B, H, T, D = q.shape
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    dq = _empty_bthd(B, H, T, D, q.dtype, q.device)
+    dk = _empty_bthd(B, H, T, D, k.dtype, k.device)
+    dv = _empty_bthd(B, H, T, D, v.dtype, v.device)
     if q.numel() == 0:
         return dq, dk, dv
     delta = torch.empty_like(lse)
     kv = kv_start if kv_start is not None else lse
     has_kv = kv_start is not None
     prec = _dot_precision(q.dtype)
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+    with _ops.on_device(q):
         pre_block = 16 if _INTERPRET else 128
-        _attn_bwd_preprocess[(triton.cdiv(T, pre_block), B * H)](
+        _ops.launch(_attn_bwd_preprocess)[(B * H, triton.cdiv(T, pre_block))](
             out, do, delta, *_strides(out), *_strides(do), H, T, HEAD_DIM=D, BLOCK_M=pre_block)
+        if dlse is not None:
+            delta -= dlse  # in place: delta stays (B, nh, T) contiguous, as the kernels index it
         common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
-        _launch(_attn_bwd_dkdv, _bwd_dkdv_configs(D, q.dtype), lambda bm, bn: (triton.cdiv(T, bn), B * H),
+        _launch("bwd_dkdv", _ops.launch(_attn_bwd_dkdv), _bwd_dkdv_configs(D, q.dtype),
+                lambda bm, bn: (B * H, triton.cdiv(T, bn)),
                 (q, k, v, do, dk, dv, lse, delta, kv, *common, *_strides(dk), *_strides(dv),
                  H, T, sm_scale, sm_scale * LOG2E),
                 dict(HEAD_DIM=D, CAUSAL=causal, HAS_KV_START=has_kv, DOT_PRECISION=prec), q.device)
-        _launch(_attn_bwd_dq, _bwd_dq_configs(D, q.dtype), lambda bm, bn: (triton.cdiv(T, bm), B * H),
+        _launch("bwd_dq", _ops.launch(_attn_bwd_dq), _bwd_dq_configs(D, q.dtype),
+                lambda bm, bn: (B * H, triton.cdiv(T, bm)),
                 (q, k, v, do, dq, lse, delta, kv, *common, *_strides(dq), H, T, sm_scale, sm_scale * LOG2E),
                 dict(HEAD_DIM=D, CAUSAL=causal, HAS_KV_START=has_kv, DOT_PRECISION=prec), q.device)
     return dq, dk, dv
 
 
-class FlashAttentionFunction(torch.autograd.Function):
-    """autograd glue: the forward saves (q, k, v, out, lse); the backward recomputes P from lse."""
+# autograd glue: the forward saves (q, k, v, out, lse); the backward recomputes P from lse. Registered on
+# the custom op (not an autograd.Function around it) so that AOTAutograd sees one forward op and one
+# backward op, and torch.compile traces training steps without a graph break.
+def _setup_context(ctx, inputs, output):
+    q, k, v, kv_start, causal, sm_scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, kv_start)
+    ctx.causal = causal
+    ctx.sm_scale = sm_scale
 
-    @staticmethod
-    def forward(ctx, q, k, v, causal, sm_scale, kv_start):
-        out, lse = _flash_fwd(q, k, v, causal, sm_scale, kv_start)
-        ctx.save_for_backward(q, k, v, out, lse, kv_start)
-        ctx.causal = causal
-        ctx.sm_scale = sm_scale
-        return out
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, out, lse, kv_start = ctx.saved_tensors
-        dq, dk, dv = _flash_bwd(do, q, k, v, out, lse, ctx.causal, ctx.sm_scale, kv_start)
-        return dq, dk, dv, None, None, None
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, kv_start = ctx.saved_tensors
+    if dout is None:  # only lse was used
+        dout = torch.zeros_like(out)
+    dq, dk, dv = _flash_bwd(dout, q, k, v, out, lse, dlse, kv_start, ctx.causal, ctx.sm_scale)
+    return dq, dk, dv, None, None, None
+
+
+_flash_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def flash_attention(q, k, v, *, causal=True, sm_scale=None, kv_start=None):
@@ -600,21 +680,19 @@ def flash_attention(q, k, v, *, causal=True, sm_scale=None, kv_start=None):
     sm_scale: defaults to 1/sqrt(hs).
     kv_start: optional int32 (B,) for left-padded batches: in row b, keys at positions < kv_start[b]
         are masked out, and query rows at those positions output zeros (and get zero gradients).
-    Returns (B, nh, T, hs) in q's dtype.
+    Returns (B, nh, T, hs) in q's dtype, stored as (B, T, nh, hs) (a transposed view, as SDPA does).
+    A custom op (torch.ops.nanogpt2.flash_attention_fwd): torch.compile traces it as one node.
     """
-    _check_inputs(q, k, v, kv_start, sm_scale)
-    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
-    return FlashAttentionFunction.apply(q, k, v, bool(causal), sm_scale, kv_start)
+    return flash_attention_with_lse(q, k, v, causal=causal, sm_scale=sm_scale, kv_start=kv_start)[0]
 
 
 def flash_attention_with_lse(q, k, v, *, causal=True, sm_scale=None, kv_start=None):
-    """Forward only (no autograd): returns (out, lse) with lse (B, nh, T) fp32 the natural-log
-    log-sum-exp of each query row's scaled scores (+inf for rows with no valid key). Feed lse to
+    """flash_attention that also returns lse (B, nh, T) fp32: the natural-log log-sum-exp of each query
+    row's scaled scores (+inf for rows with no valid key). Both outputs are differentiable. Feed lse to
     attention_probs_from_lse to get the attention probabilities without a second softmax pass."""
     _check_inputs(q, k, v, kv_start, sm_scale)
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
-    with torch.no_grad():
-        return _flash_fwd(q, k, v, bool(causal), sm_scale, kv_start)
+    return _flash_fwd(q, k, v, kv_start, bool(causal), sm_scale)
 
 
 def attention_probs_from_lse(q, k, lse, *, causal=True, sm_scale=None, kv_start=None):

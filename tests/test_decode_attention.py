@@ -1,21 +1,29 @@
 """nanogpt2.kernels.decode_attention: one query per row against a KV cache, vs an fp64 reference.
 
 Kernel cases run in a worker process (an out-of-bounds access under TRITON_INTERPRET kills the
-process; see test_flash_attention.py). GPU-only cases (bf16, CUDA-graph replay) skip elsewhere.
+process; see test_flash_attention.py). GPU-only cases (bf16, CUDA graphs, Inductor) skip elsewhere; they
+run where CUDA is present and TRITON_INTERPRET is not "1". On a GPU, fp16/bf16 are judged by
+FlashAttention's rule (helpers_kernels.assert_within_pytorch_error), not a flat tolerance.
 """
 
 import math
-import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from helpers_kernels import kernel_process  # noqa: F401  (the fixture)
+from helpers_kernels import (ON_GPU, assert_within_pytorch_error, gpu_only, kernel_process,  # noqa: F401
+                             record_launches, variants)
 from nanogpt2.kernels import decode_attention, flash_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
-TOLERANCES = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}  # atol = rtol
+TOLERANCES = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}  # atol = rtol (CPU, and fp32)
+
+
+def _decode_module():
+    import sys
+
+    return sys.modules["nanogpt2.kernels.decode_attention"]
 
 
 def reference_decode(q, k_cache, v_cache, cache_seqlens, kv_start=None, sm_scale=None):
@@ -31,6 +39,18 @@ def reference_decode(q, k_cache, v_cache, cache_seqlens, kv_start=None, sm_scale
     scores = scores.masked_fill(~(keep | ~keep.any(-1, keepdim=True)), float("-inf"))
     probs = torch.softmax(scores, dim=-1) * keep
     return torch.einsum("bhs,bhsd->bhd", probs, v_cache.double())
+
+
+def pytorch_decode(q, k_cache, v_cache, cache_seqlens, kv_start=None, sm_scale=None):
+    """PyTorch's own attention (SDPA) in q's dtype over the same cache positions (rows need >= 1 of them)."""
+    S = k_cache.shape[2]
+    pos = torch.arange(S, device=q.device)
+    keep = pos[None, :] < cache_seqlens.long()[:, None]
+    if kv_start is not None:
+        keep = keep & (pos[None, :] >= kv_start.long()[:, None])
+    out = F.scaled_dot_product_attention(q[:, :, None], k_cache, v_cache, attn_mask=keep[:, None, None, :],
+                                         scale=sm_scale)
+    return out[:, :, 0]
 
 
 def make_cache(B, H, S_max, D, dtype, seed=0):
@@ -54,9 +74,13 @@ def _case_matches_reference(S_max, dtype, split_counts):
         out = decode_attention(q, k_cache, v_cache, seqlens, kv_start=ks, num_splits=num_splits)
         assert out.shape == (B, H, D) and out.dtype == dtype
         ref = reference_decode(q, k_cache, v_cache, seqlens, ks)
-        tol = TOLERANCES[dtype]
-        torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol,
-                                   msg=lambda m: f"num_splits={num_splits} kv_start={ks}: {m}")
+        if ON_GPU and dtype != torch.float32:
+            assert_within_pytorch_error(f"num_splits={num_splits} kv_start={ks}", out, ref,
+                                        pytorch_decode(q, k_cache, v_cache, seqlens, ks))
+        else:
+            tol = TOLERANCES[dtype]
+            torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol,
+                                       msg=lambda m: f"num_splits={num_splits} kv_start={ks}: {m}")
 
 
 def _case_empty_rows_are_zero():
@@ -107,9 +131,104 @@ def _case_cuda_graph_replay():
         torch.testing.assert_close(out.double(), reference_decode(q, k_cache, v_cache, seqlens), atol=2e-3, rtol=2e-3)
 
 
+def _case_generation_compiles_each_kernel_once(padded):
+    """A 1k-token generation through the eager KV cache (cache.KVCache.update hands the kernel views of
+    a growing length) for GPT-2 small at batch 1: cache lengths 1..1024, default split counts. Returns
+    {kernel: number of compiled variants} and the split counts used."""
+    da = _decode_module()
+    B, H, D, S = 1, 12, 64, 1024
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    k_buf, v_buf = torch.randn(2, B, H, S, D, device=DEVICE).to(dtype).unbind(0)
+    q = torch.randn(B, H, D, device=DEVICE).to(dtype)
+    kv_start = torch.tensor([5], dtype=torch.int32, device=DEVICE) if padded else None
+    num_sms = da._num_sms
+    if not ON_GPU:  # split counts as on an H100 (132 SMs), so the CPU sweep sees many of them
+        da._num_sms = lambda device: 132
+    try:
+        with torch.no_grad(), record_launches(da._decode_split_kernel, da._decode_merge_kernel,
+                                              execute=ON_GPU) as launches:
+            for length in range(1, S + 1):
+                seqlens = torch.full((B,), length, dtype=torch.int32, device=DEVICE)
+                decode_attention(q, k_buf[:, :, :length], v_buf[:, :, :length], seqlens, kv_start=kv_start)
+    finally:
+        da._num_sms = num_sms
+    splits = sorted({launch.grid[1] for launch in launches if launch.name == "_decode_split_kernel"})
+
+    # the counter is not blind: H is an int Triton does specialise (1, a multiple of 16, other)
+    with torch.no_grad(), record_launches(da._decode_split_kernel, execute=ON_GPU) as probe:
+        for h in (1, 16, 17):
+            decode_attention(q[:, :1].expand(B, h, D), k_buf[:, :1, :8].expand(B, h, 8, D),
+                             v_buf[:, :1, :8].expand(B, h, 8, D), torch.full((B,), 8, dtype=torch.int32,
+                                                                             device=DEVICE))
+    return variants(launches), splits, variants(probe)
+
+
+def _assert_generation_compiles_each_kernel_once(kernel_process, padded):
+    counts, splits, probe = kernel_process.run(_case_generation_compiles_each_kernel_once, padded)
+    assert counts == {"_decode_merge_kernel": 1, "_decode_split_kernel": 1}, counts
+    assert splits[0] == 1 and len(splits) >= 4, f"the sweep should cover one split and several: {splits}"
+    assert probe == {"_decode_split_kernel": 3}, probe
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+def test_generation_compiles_each_kernel_once(kernel_process, padded):
+    """Two compiled kernels serve a whole 1k-token generation: the split kernel (one split is a run-time
+    branch that writes the output itself, not a constexpr variant) and the merge (it loops over the
+    splits SPLITS_BLOCK at a time, so the count is a run-time value). The cache length, split size and
+    split count are exempt from Triton's int specialisation. The old launcher compiled the merge once
+    per split count (constexpr NUM_SPLITS), and the split kernel per length class of S_max: 8 + 5 variants
+    for this sweep at the GPU's block size."""
+    _assert_generation_compiles_each_kernel_once(kernel_process, padded)
+
+
+@gpu_only
+def test_generation_compiles_each_kernel_once_gpu(kernel_process):  # counting real compiles (1024 launches)
+    _assert_generation_compiles_each_kernel_once(kernel_process, False)
+
+
+def _case_torch_compile(backend, mode=None):
+    """torch.compile(fullgraph=True) of a decode step: one custom op, no graph break, eager's numbers;
+    with mode="reduce-overhead" (CUDA graphs), replays with new lengths written into the same tensor."""
+    dtype = torch.float16 if ON_GPU else torch.float32
+    q, k_cache, v_cache = make_cache(2, 4, 300, 64, dtype)
+    seqlens = torch.tensor([300, 17], dtype=torch.int32, device=DEVICE)
+    kv_start = torch.tensor([0, 3], dtype=torch.int32, device=DEVICE)
+
+    def step(q, k_cache, v_cache, seqlens, kv_start):
+        return decode_attention(q, k_cache, v_cache, seqlens, kv_start=kv_start) * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend=backend, mode=mode, fullgraph=True)
+    # bit for bit on CPU; on a GPU Inductor compiles the kernels itself: one unit in the last place
+    tol = torch.finfo(dtype).eps if backend == "inductor" else 0.0
+    # CUDA graph trees warm up on the first call, record on the second, replay from the third on
+    for lengths in ([300, 17], [5, 250], [1, 300], [299, 2], [64, 65]):
+        seqlens.copy_(torch.tensor(lengths, dtype=torch.int32))
+        got = compiled(q, k_cache, v_cache, seqlens, kv_start)
+        want = step(q, k_cache, v_cache, seqlens, kv_start)
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol, msg=lambda m: f"{backend} {mode} {lengths}: {m}")
+
+
 @pytest.mark.parametrize("S_max", [1, 17, 128, 300])
 def test_fp32_matches_reference(kernel_process, S_max):
-    kernel_process.run(_case_matches_reference, S_max, torch.float32, (1, 2, 4, 7, None))
+    # 33 splits: more than SPLITS_BLOCK (the merge loops), and some splits start past every row's end
+    kernel_process.run(_case_matches_reference, S_max, torch.float32, (1, 2, 4, 7, 33, None))
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_torch_compile_fullgraph(kernel_process, backend):
+    kernel_process.run(_case_torch_compile, backend)
+
+
+@gpu_only
+def test_torch_compile_inductor_gpu(kernel_process):
+    kernel_process.run(_case_torch_compile, "inductor")
+
+
+@gpu_only
+@pytest.mark.cuda_graphs
+def test_torch_compile_cuda_graphs_gpu(kernel_process):  # mode="reduce-overhead": Inductor's CUDA graph trees
+    kernel_process.run(_case_torch_compile, "inductor", "reduce-overhead")
 
 
 def test_fp16_matches_reference(kernel_process):
@@ -128,12 +247,14 @@ def test_custom_scale_and_head_dim_128(kernel_process):
     kernel_process.run(_case_custom_scale_and_head_dim_128)
 
 
-@pytest.mark.skipif(not ON_GPU, reason="bf16 needs a GPU (the CPU interpreter's bf16 math is unreliable)")
-def test_bf16_matches_reference_gpu(kernel_process):
-    kernel_process.run(_case_matches_reference, 1024, torch.bfloat16, (1, 8, None))
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_matches_reference_gpu(kernel_process, dtype):
+    kernel_process.run(_case_matches_reference, 1024, dtype, (1, 8, 33, None))
 
 
-@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+@gpu_only
+@pytest.mark.cuda_graphs
 def test_cuda_graph_replay_gpu(kernel_process):
     kernel_process.run(_case_cuda_graph_replay)
 

@@ -1,0 +1,61 @@
+"""How a kernel file's launcher becomes a torch custom op, so torch.compile and CUDA graphs see one node.
+
+A Triton launcher is Python that torch.compile should not trace line by line: the device guard
+(`torch.cuda.device(...)`), cached device queries and the try/except that picks a config that fits
+all break Dynamo's graph or run at the wrong time under capture. Registered as a custom op
+(`torch.library.triton_op`, torch >= 2.6), the whole launcher is one opaque call to Dynamo; in
+AOTAutograd/Inductor the op's body runs once, on fake tensors, and each `wrap_triton(kernel)[grid](...)`
+becomes a node that Inductor compiles and launches itself (the "user-defined Triton kernels" of
+https://pytorch.org/tutorials/recipes/torch_compile_user_defined_triton_kernel_tutorial.html).
+Outside compile, the op runs the launcher as plain Python (torch disables the wrapping then).
+
+Under TRITON_INTERPRET=1 (the CPU tests) a kernel is an InterpretedFunction that torch cannot trace,
+so there the op is a plain `custom_op`: opaque to every compile stage, its fake (shape) function the
+same launcher with the launches skipped. Same launchers, same shapes; only the registration differs.
+"""
+import contextlib
+import os
+
+import torch
+from torch._subclasses.fake_tensor import is_fake
+from torch.library import custom_op, triton_op, wrap_triton
+
+# Triton reads TRITON_INTERPRET once, when it is imported; so do we.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def register(name):
+    """Decorator: make `fn` (type-annotated, returns new tensors, mutates nothing) the custom op `name`."""
+    def decorate(fn):
+        if not INTERPRET:
+            return triton_op(name, fn, mutates_args=())
+        op = custom_op(name, fn, mutates_args=())
+        op.register_fake(fn)  # launch() skips fake tensors, so fn is its own shape function
+        return op
+    return decorate
+
+
+def launch(kernel):
+    """`launch(kernel)[grid](*args, **kwargs)`: what a launcher calls instead of `kernel[grid](...)`."""
+    if not INTERPRET:
+        return wrap_triton(kernel)
+    return _Interpreted(kernel)
+
+
+class _Interpreted:
+    """kernel[grid](...) under the interpreter, except on fake tensors (shape propagation), where it does nothing."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            if any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
+                return None
+            return self.kernel[grid](*args, **kwargs)
+        return run
+
+
+def on_device(t):
+    """Launch on t's GPU (Triton launches on the current device), whatever device is current."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
