@@ -6,8 +6,8 @@
   "sdpa"   - torch.nn.functional.scaled_dot_product_attention (the CPU default)
   "eager"  - softmax(q kᵀ · scale + mask) v written out; the only path that materialises probabilities,
              so every backend falls back to it for a call that asks for attention maps
-  "auto"   - triton for CUDA tensors when the kernels import, sdpa otherwise (decided per call, so a model
-             built on CPU and moved with .cuda() picks up the kernels)
+  "auto"   - triton for CUDA tensors when the triton package is installed, sdpa otherwise (decided per call,
+             so a model built on CPU and moved with .cuda() picks up the kernels)
 
 The model never knows which backend ran; the backends never know about GPT-2. Masking is described once,
 by `AttentionMask`: causal, plus an optional 2-D key padding mask that covers cached + new positions.
@@ -171,6 +171,12 @@ def positions_from_mask(attention_mask: Optional[torch.Tensor], past: int, T: in
     pos = attention_mask.long().cumsum(-1) - 1
     pos = pos.masked_fill(attention_mask == 0, 1)
     return pos[:, -T:].to(device)
+
+
+def static_positions(cache_seqlens: torch.Tensor, kv_start: torch.Tensor) -> torch.Tensor:
+    """positions_from_mask for a fixed-shape decode step (AttentionMask.static_decode): (N, 1) long, the count of
+    a row's real tokens before its new one. Tensors in, tensors out: no Python number changes between steps."""
+    return (cache_seqlens - 1 - kv_start).long()[:, None]
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, *, scale: float,

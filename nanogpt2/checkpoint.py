@@ -72,8 +72,12 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(out_dir: str, model: nn.Module, state: dict, adapter_base: str) -> None:
     """The weights in HF format (a PEFT adapter whose base is `adapter_base` if the model has LoRA layers),
     then `state` (plain data, see the module docstring) as training_state.pt, written last and through a
-    rename, so a directory whose state file exists holds a complete checkpoint."""
+    rename, so a directory whose state file exists holds a complete checkpoint. The previous state file goes
+    first: a save killed midway leaves a directory that --resume refuses, never new weights beside an old step's
+    optimizer and RNG state."""
     os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(os.path.join(out_dir, STATE_FILE)):
+        os.remove(os.path.join(out_dir, STATE_FILE))
     if has_lora(model):
         save_adapter(model, out_dir, base_model_name_or_path=adapter_base)
     else:

@@ -18,9 +18,11 @@ Frozen constants bring two rules, both kept by `CompiledDecode`:
     code object (its own dynamo cache), and its weights are checked at every generate() call (_weights_state).
   - torch never frees a frozen graph: dynamo keeps compiled code and its guards reachable for the life of the
     process, and no public API releases them (a helper review measured ~3x the weight bytes retained per
-    freeze). That is the one place where state outlives its owner, forced by torch. So a model is frozen once:
-    after its weights change it warns and runs the shared step, whose weights are graph inputs (correct,
-    slower); `del model.compiled_decode` drops our reference, not torch's.
+    freeze, and each new shape, batch size or cache-length bucket, is one more freeze). That is the one place
+    where state outlives its owner, forced by torch. So a model is frozen once per shape, for at most
+    MAX_FROZEN_SHAPES shapes; after its weights change, or past that many shapes, it warns and runs the shared
+    step, whose weights are graph inputs (correct, slower); `del model.compiled_decode` drops our reference, not
+    torch's. Copies of the model (deepcopy) start without one.
 On CUDA nothing is frozen: every model runs the shared step (one graph per shape, weights as inputs), and each
 StaticDecode runner captures it in a CUDA graph on its first call: the cache, token, lengths and logits live at
 static addresses, reused by every generate() call of that shape, so a token costs one graph replay. A graph
@@ -37,7 +39,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .attention import AttentionMask
+from .attention import AttentionMask, static_positions
 from .cache import KVCache, StaticSlot
 from .packed import identity
 
@@ -60,8 +62,7 @@ def cache_length(n_positions: int, needed: int) -> int:
 def _static_step(model, tokens, seqlens, kv_start, slot):
     """The traced function: tokens (N,), seqlens and kv_start int32 (N,) -> logits (N, V)."""
     mask = AttentionMask.static_decode(seqlens, kv_start, slot.cache.max_len)
-    positions = (seqlens - 1 - kv_start).long()[:, None]   # a row's position counts its real tokens
-    return model.decode_step(tokens, positions, mask, slot)
+    return model.decode_step(tokens, static_positions(seqlens, kv_start), mask, slot)
 
 
 def _compile(fn: Callable, frozen: bool) -> Callable:
@@ -107,7 +108,8 @@ class CompiledDecode:
     """The compiled decode step of one model, what it was compiled against, and its static runners (one per batch
     size, cache length and dtype; see StaticDecode), reused across generate() calls."""
 
-    MAX_RUNNERS = 4   # runners kept (least recently used dropped): each holds a KV cache and, on CUDA, a graph
+    MAX_RUNNERS = 4         # runners kept (least recently used dropped): each holds a KV cache and, on CUDA, a graph
+    MAX_FROZEN_SHAPES = 4   # CPU: shapes given frozen graphs; each keeps a copy of the weights for good (module doc)
 
     def __init__(self, model):
         self.model_ref = weakref.ref(model)   # whose step this is; a deepcopy of the model carries a stale one
@@ -120,6 +122,7 @@ class CompiledDecode:
         else:
             self.fn = _shared_step()
         self.runners: OrderedDict[tuple, StaticDecode] = OrderedDict()
+        self.frozen_shapes: set[tuple] = set()
         self.captured_weights: Optional[tuple] = None   # CUDA graphs read the weights at these addresses
 
     def belongs_to(self, model) -> bool:
@@ -144,12 +147,44 @@ class CompiledDecode:
                 self.runners.clear()
                 self.captured_weights = addresses
         key = (cache.batch_size, cache.max_len, cache.k.dtype, cache.k.device)
-        runner = self.runners.pop(key, None) or StaticDecode(model, self.fn, cache)
-        self.runners[key] = runner                       # most recently used last
-        while len(self.runners) > self.MAX_RUNNERS:
-            self.runners.popitem(last=False)
+        runner = self.runners.get(key)
+        if runner is not None and runner.busy:   # another decode of this shape is still running (an open
+            runner = StaticDecode(model, self._fn_for(key), cache)   # stream, a generate inside a streamer):
+        else:                                                        # it gets a runner of its own, not kept
+            if runner is None:
+                runner = StaticDecode(model, self._fn_for(key), cache)
+            self.runners.pop(key, None)
+            self.runners[key] = runner                               # most recently used last
+            while len(self.runners) > self.MAX_RUNNERS:
+                self.runners.popitem(last=False)
         runner.load(cache, kv_start)
         return runner
+
+    def _fn_for(self, key: tuple) -> Callable:
+        """The step function for a new shape. Each shape the frozen function meets is one more frozen graph,
+        kept for the life of the process (module doc); past MAX_FROZEN_SHAPES, new shapes run the shared step."""
+        if self.frozen_state is None:
+            return self.fn
+        if key not in self.frozen_shapes and len(self.frozen_shapes) >= self.MAX_FROZEN_SHAPES:
+            warnings.warn(f"generate(compile=True): this model has frozen decode graphs for "
+                          f"{self.MAX_FROZEN_SHAPES} shapes (batch size, cache length) already; {key[:2]} runs "
+                          "the shared compiled step (weights as inputs: correct, slower on CPU), as every frozen "
+                          "graph holds its own copy of the weights until the process exits", stacklevel=5)
+            return _shared_step()
+        self.frozen_shapes.add(key)
+        return self.fn
+
+    def __deepcopy__(self, memo) -> None:
+        """A copy of the model compiles its own step on first use: runners hold KV caches and CUDA graphs, which
+        belong to this model (and a CUDA graph cannot be copied)."""
+        return None
+
+    def __reduce__(self):
+        return (_none, ())
+
+
+def _none() -> None:
+    return None
 
 
 def compiled_decode(model) -> CompiledDecode:
@@ -186,6 +221,7 @@ class StaticDecode:
         self.kv_start = torch.zeros(N, dtype=torch.int32, device=dev)
         self.logits: Optional[torch.Tensor] = None       # (N, V) fp32, made by the first call
         self.graph = None                                # torch.cuda.CUDAGraph once captured
+        self.busy = False                                # between load() and release(): one decode at a time
 
     def load(self, cache: KVCache, kv_start: Optional[torch.Tensor]) -> None:
         """Take over a prefilled cache: its written positions and each row's padding count (None: no padding)."""
@@ -197,6 +233,11 @@ class StaticDecode:
             self.kv_start.zero_()
         else:
             self.kv_start.copy_(kv_start)
+        self.busy = True
+
+    def release(self) -> None:
+        """The decode that loaded this runner is over (generation calls it when its loop ends, however it ends)."""
+        self.busy = False
 
     def _run(self) -> torch.Tensor:
         return self.fn(self.model, self.token, self.seqlens, self.kv_start, self.slot).float()

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .files import CheckpointError, resolve
+from .files import HubUnavailable, resolve
 
 # Activations GPT-2 checkpoints use, by transformers' ACT2FN name. "gelu_new" is GPT-2's own tanh
 # approximation; "gelu" is the exact erf form, a (slightly) different function.
@@ -121,14 +121,15 @@ class GPT2Config:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, revision: Optional[str] = None, **overrides) -> "GPT2Config":
-        """Config of a local directory, bundled model or hub id (files.resolve). A preset name ("gpt2", ...) whose
-        files cannot be found (offline, not cached) gives the preset: its values are the hub's config.json."""
+        """Config of a local directory, bundled model or hub id (files.resolve; only config.json is fetched). A
+        preset name ("gpt2", ...) that the hub cannot serve here (offline and not cached) gives the preset: its
+        values are the hub's config.json. Any other failure (a broken directory, a bad file) is an error."""
         try:
-            config = cls.from_json_file(resolve(name_or_path, revision).config_file)
-        except CheckpointError:
+            config = cls.from_json_file(resolve(name_or_path, revision, weights=False).config_file)
+        except HubUnavailable:
             if name_or_path not in PRESETS:
                 raise
-            config = cls.preset(name_or_path)   # decided by name, not by the error: only presets have a default
+            config = cls.preset(name_or_path)
         return dataclasses.replace(config, **overrides) if overrides else config
 
     @classmethod

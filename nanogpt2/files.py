@@ -25,6 +25,11 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded: the message names the file or tensor and what was expected."""
 
 
+class HubUnavailable(CheckpointError):
+    """A hub id whose config.json is neither in the local huggingface_hub cache nor reachable (offline, no
+    network). GPT2Config.from_pretrained answers a preset name's with the preset; nothing else is forgiven."""
+
+
 @dataclass
 class Checkpoint:
     source: str                 # what the user asked for
@@ -78,14 +83,15 @@ def shards_from_index(index_file: str, fetch: Optional[Callable[[str], str]] = N
     return files
 
 
-def resolve(name_or_path: str, revision: Optional[str] = None) -> Checkpoint:
-    """Find config.json and the weight files for a directory, a bundled name or a hub id."""
+def resolve(name_or_path: str, revision: Optional[str] = None, weights: bool = True) -> Checkpoint:
+    """Find config.json and the weight files for a directory, a bundled name or a hub id. `weights=False` finds
+    config.json only (weight_files empty): reading a hub model's config then downloads nothing else."""
     name = os.fspath(name_or_path)
     tried = []
     if os.path.isdir(os.path.expanduser(name)):
         directory = os.path.expanduser(name)
         config_file = os.path.join(directory, "config.json")
-        files = _local_weight_files(directory)
+        files = _local_weight_files(directory) if weights else []
         if not os.path.isfile(config_file) or files is None:
             raise CheckpointError(f"{directory} is not a GPT-2 checkpoint directory: it needs config.json and one of "
                                   f"{SAFE_SINGLE}, {SAFE_INDEX} (+ shards) or {TORCH_BIN}; it has "
@@ -94,15 +100,18 @@ def resolve(name_or_path: str, revision: Optional[str] = None) -> Checkpoint:
     tried.append(f"local directory {name!r}: does not exist")
     if name in bundled_models():
         directory = os.path.join(BUNDLED_DIR, name)
-        return Checkpoint(name, directory, os.path.join(directory, "config.json"), _local_weight_files(directory))
+        files = _local_weight_files(directory) if weights else []
+        return Checkpoint(name, directory, os.path.join(directory, "config.json"), files)
     tried.append(f"bundled models {bundled_models()}: not among them")
     if _looks_like_path(name):
         raise CheckpointError(f"cannot load {name!r}: " + "; ".join(tried))
-    return _resolve_hub(name, revision, tried)
+    return _resolve_hub(name, revision, tried, weights)
 
 
-def _resolve_hub(repo_id: str, revision: Optional[str], tried: list[str]) -> Checkpoint:
-    from huggingface_hub import hf_hub_download   # a dependency; imported here because it takes ~0.3 s
+def _resolve_hub(repo_id: str, revision: Optional[str], tried: list[str], weights: bool) -> Checkpoint:
+    # a dependency; imported here because it takes ~0.3 s
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
 
     def fetch(filename: str) -> str:
         return hf_hub_download(repo_id, filename, revision=revision)
@@ -115,13 +124,16 @@ def _resolve_hub(repo_id: str, revision: Optional[str], tried: list[str]) -> Che
         hint = ("pass a local directory holding config.json and model.safetensors, a bundled model name, or a hub "
                 "id; without network access the hub files must already be in the huggingface_hub cache "
                 "(HF_HOME), e.g. downloaded on a connected machine with `huggingface-cli download " + repo_id + "`")
-        raise CheckpointError(f"cannot load {repo_id!r}:\n  - " + "\n  - ".join(tried) + f"\n{hint}") from None
+        error = HubUnavailable if isinstance(e, LocalEntryNotFoundError) else CheckpointError
+        raise error(f"cannot load {repo_id!r}:\n  - " + "\n  - ".join(tried) + f"\n{hint}") from None
+    if not weights:
+        return Checkpoint(repo_id, os.path.dirname(config_file), config_file, [])
     errors = []
     for filename in (SAFE_SINGLE, SAFE_INDEX, TORCH_BIN):
         try:
             path = fetch(filename)
-        except Exception as e:   # this format is not in the repo (or not cached): try the next, report all
-            errors.append(f"{filename}: {type(e).__name__}")
+        except EntryNotFoundError as e:   # this format is not in the repo (or not cached): try the next, report all
+            errors.append(f"{filename}: {type(e).__name__}")   # (anything else, e.g. a network error, raises)
             continue
         files = shards_from_index(path, fetch) if filename == SAFE_INDEX else [path]
         return Checkpoint(repo_id, os.path.dirname(config_file), config_file, files)

@@ -236,7 +236,7 @@ def decode_one_token(model, token: torch.Tensor, mask: Optional[torch.Tensor], c
     past = cache.length
     pos = positions_from_mask(mask, past, 1, token.device)   # (N or 1, 1), the rule forward uses
     attn = AttentionMask(past, 1) if mask is None else \
-        AttentionMask(past, 1, mask.bool(), _kv_start=kv_start, _left_padded=kv_start is not None)
+        AttentionMask(past, 1, mask.bool(), _kv_start=kv_start, _left_padded=True if kv_start is not None else None)
     return model.decode_step(token, pos, attn, cache).float()
 
 
@@ -263,6 +263,9 @@ class EagerStep:
 
     def __call__(self, token: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         return decode_one_token(self.model, token, mask, self.cache, self.kv_start)
+
+    def release(self) -> None:   # nothing shared to give back (compiled.StaticDecode has)
+        pass
 
 
 def make_step(model, cache: KVCache, kv_start: Optional[torch.Tensor], cfg: "GenerationConfig"):
@@ -349,20 +352,23 @@ def decode(model, prompt: Prompt, cfg: GenerationConfig,
         mask[:, :T] = expand(prompt.mask, n)
     step = make_step(model, cache, expand(padding(prompt), n), cfg)
     unfinished = torch.ones(N, dtype=torch.bool, device=seq.device)
-    for i in range(max_new):
-        scores = process(logits, seq[:, :T + i], i, cfg, prompt)
-        if cfg.do_sample:
-            token = torch.multinomial(F.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)
-        else:
-            token = scores.argmax(dim=-1)
-        if prompt.eos is not None:
-            token = torch.where(unfinished, token, prompt.pad)
-            unfinished &= ~torch.isin(token, prompt.eos)
-        seq[:, T + i] = token
-        yield token
-        if i + 1 == max_new or (prompt.eos is not None and not bool(unfinished.any())):  # the one sync
-            return
-        logits = step(token, None if mask is None else mask[:, :T + i + 1])
+    try:
+        for i in range(max_new):
+            scores = process(logits, seq[:, :T + i], i, cfg, prompt)
+            if cfg.do_sample:
+                token = torch.multinomial(F.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)
+            else:
+                token = scores.argmax(dim=-1)
+            if prompt.eos is not None:
+                token = torch.where(unfinished, token, prompt.pad)
+                unfinished &= ~torch.isin(token, prompt.eos)
+            seq[:, T + i] = token
+            yield token
+            if i + 1 == max_new or (prompt.eos is not None and not bool(unfinished.any())):  # the one sync
+                return
+            logits = step(token, None if mask is None else mask[:, :T + i + 1])
+    finally:   # a stream closed early or an error: the step's static buffers are free for the next decode
+        step.release()
 
 
 # ---- beam search --------------------------------------------------------------------------------------------
@@ -419,60 +425,63 @@ def beam_search(model, prompt: Prompt, cfg: GenerationConfig, generator: Optiona
     top_nb = torch.arange(K, device=dev) < nb                         # candidate ranks allowed to finish
     row_offset = torch.arange(B, device=dev)[:, None] * nb
 
-    for cur in range(T, max_length):   # cur: length of the running sequences
-        V = logits.shape[-1]
-        log_probs = process(F.log_softmax(logits, dim=-1), running.view(B * nb, -1)[:, :cur], cur - T, cfg,
-                            prompt, min_tokens_to_keep=keep)
-        log_probs = (log_probs.view(B, nb, V) + running_scores[:, :, None]).view(B, nb * V)
+    try:
+        for cur in range(T, max_length):   # cur: length of the running sequences
+            V = logits.shape[-1]
+            log_probs = process(F.log_softmax(logits, dim=-1), running.view(B * nb, -1)[:, :cur], cur - T, cfg,
+                                prompt, min_tokens_to_keep=keep)
+            log_probs = (log_probs.view(B, nb, V) + running_scores[:, :, None]).view(B, nb * V)
 
-        # the K best continuations over all beams (or K sampled without replacement, best first)
-        if cfg.do_sample:
-            idx = torch.multinomial(F.softmax(log_probs, dim=-1), K, generator=generator)
-            cand_scores, order = log_probs.gather(1, idx).sort(dim=-1, descending=True)
-            idx = idx.gather(1, order)
-        else:
-            cand_scores, idx = torch.topk(log_probs, K)               # (B, K)
-        beam, token = idx // V, idx % V
-        cand = running.gather(1, beam[:, :, None].expand(B, K, max_length))   # (B, K, max_length), a copy
-        cand[:, :, cur] = token
-        ended = torch.full((B, K), cur + 1 >= max_length, device=dev)   # transformers' stopping criteria:
-        if n_eos:                                                         # max length, or an eos token
-            ended |= torch.isin(token, prompt.eos)
+            # the K best continuations over all beams (or K sampled without replacement, best first)
+            if cfg.do_sample:
+                idx = torch.multinomial(F.softmax(log_probs, dim=-1), K, generator=generator)
+                cand_scores, order = log_probs.gather(1, idx).sort(dim=-1, descending=True)
+                idx = idx.gather(1, order)
+            else:
+                cand_scores, idx = torch.topk(log_probs, K)               # (B, K)
+            beam, token = idx // V, idx % V
+            cand = running.gather(1, beam[:, :, None].expand(B, K, max_length))   # (B, K, max_length), a copy
+            cand[:, :, cur] = token
+            ended = torch.full((B, K), cur + 1 >= max_length, device=dev)   # transformers' stopping criteria:
+            if n_eos:                                                         # max length, or an eos token
+                ended |= torch.isin(token, prompt.eos)
 
-        # the best num_beams candidates that did not end keep running
-        alive_scores = cand_scores + ended.to(torch.float32) * BEAM_NEG
-        top = torch.topk(alive_scores, k=nb)[1]                       # (B, nb)
-        running = cand.gather(1, top[:, :, None].expand(B, nb, max_length))
-        running_scores = alive_scores.gather(1, top)
-        parent = (beam + row_offset).gather(1, top)                   # the cache row each new beam extends
+            # the best num_beams candidates that did not end keep running
+            alive_scores = cand_scores + ended.to(torch.float32) * BEAM_NEG
+            top = torch.topk(alive_scores, k=nb)[1]                       # (B, nb)
+            running = cand.gather(1, top[:, :, None].expand(B, nb, max_length))
+            running_scores = alive_scores.gather(1, top)
+            parent = (beam + row_offset).gather(1, top)                   # the cache row each new beam extends
 
-        # candidates that ended, among the top num_beams, enter the pool if they beat what is there
-        just_ended = ended & top_nb[None]
-        scores = cand_scores / ((cur + 1 - T) ** cfg.length_penalty)
-        pool_full = is_finished.all(dim=-1, keepdim=True) & (cfg.early_stopping is True)
-        scores += pool_full.to(torch.float32) * BEAM_NEG
-        scores += (~may_improve).to(torch.float32) * BEAM_NEG
-        scores += (~just_ended) * BEAM_NEG
-        merged_scores = torch.cat((finished_scores, scores), dim=1)   # (B, nb + K)
-        best = torch.topk(merged_scores, k=nb)[1]
-        finished = torch.cat((finished, cand), dim=1).gather(1, best[:, :, None].expand(B, nb, max_length))
-        finished_scores = merged_scores.gather(1, best)
-        finished_len = torch.cat((finished_len, torch.full_like(scores, cur + 1 - T, dtype=torch.long)),
-                                 dim=1).gather(1, best)
-        is_finished = torch.cat((is_finished, just_ended), dim=1).gather(1, best)
+            # candidates that ended, among the top num_beams, enter the pool if they beat what is there
+            just_ended = ended & top_nb[None]
+            scores = cand_scores / ((cur + 1 - T) ** cfg.length_penalty)
+            pool_full = is_finished.all(dim=-1, keepdim=True) & (cfg.early_stopping is True)
+            scores += pool_full.to(torch.float32) * BEAM_NEG
+            scores += (~may_improve).to(torch.float32) * BEAM_NEG
+            scores += (~just_ended) * BEAM_NEG
+            merged_scores = torch.cat((finished_scores, scores), dim=1)   # (B, nb + K)
+            best = torch.topk(merged_scores, k=nb)[1]
+            finished = torch.cat((finished, cand), dim=1).gather(1, best[:, :, None].expand(B, nb, max_length))
+            finished_scores = merged_scores.gather(1, best)
+            finished_len = torch.cat((finished_len, torch.full_like(scores, cur + 1 - T, dtype=torch.long)),
+                                     dim=1).gather(1, best)
+            is_finished = torch.cat((is_finished, just_ended), dim=1).gather(1, best)
 
-        # can a running beam still beat the worst finished hypothesis? (transformers' _check_early_stop_heuristic)
-        n_gen = cur + 1 - T
-        if cfg.early_stopping == "never" and cfg.length_penalty > 0.0:
-            n_gen = max_length - T                                    # the best length a beam may still reach
-        best_running = running_scores[:, :1] / (n_gen ** cfg.length_penalty)
-        worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True)[0], BEAM_NEG)
-        may_improve = may_improve & (best_running > worst_finished).any(dim=-1, keepdim=True)
-        all_full = is_finished.all() & (cfg.early_stopping is True)
-        if not bool(may_improve.any() & ~all_full & ~ended.all()):    # the one host sync per step
-            break
-        step.cache.reorder(parent.flatten())
-        logits = step(running[:, :, cur].flatten(), None if mask is None else mask[:, :cur + 1])
+            # can a running beam still beat the worst finished hypothesis? (transformers' _check_early_stop_heuristic)
+            n_gen = cur + 1 - T
+            if cfg.early_stopping == "never" and cfg.length_penalty > 0.0:
+                n_gen = max_length - T                                    # the best length a beam may still reach
+            best_running = running_scores[:, :1] / (n_gen ** cfg.length_penalty)
+            worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True)[0], BEAM_NEG)
+            may_improve = may_improve & (best_running > worst_finished).any(dim=-1, keepdim=True)
+            all_full = is_finished.all() & (cfg.early_stopping is True)
+            if not bool(may_improve.any() & ~all_full & ~ended.all()):    # the one host sync per step
+                break
+            step.cache.reorder(parent.flatten())
+            logits = step(running[:, :, cur].flatten(), None if mask is None else mask[:, :cur + 1])
+    finally:
+        step.release()
 
     # the best hypotheses per row, cut to the longest one returned (transformers counts their generated tokens)
     out = finished[:, :n_ret].flatten(0, 1)

@@ -22,8 +22,9 @@ by a constant per position (center_unembed), which no probability notices:
 GPT-2 ties lm_head to wte (one matrix reads tokens in and writes logits out). Every transform but
 fold_value_biases changes one of the two and not the other, so process_weights unties them first: lm_head gets
 its own copy of the matrix (V x C more memory: 154 MB for GPT-2 124M in fp32) and config.tie_word_embeddings
-becomes False. fold_ln gives lm_head a bias (ln_f.bias @ W_U; GPT-2's lm_head has none): save_pretrained writes
-it, and transformers' GPT-2 does not read it, so keep processed models for analysis.
+becomes False. fold_ln gives lm_head a bias (ln_f.bias @ W_U; GPT-2's lm_head has none), which no GPT-2 checkpoint
+format holds: a processed model is for analysis, and save_pretrained refuses it (PROCESSED_REFUSAL, set on the
+model by process_weights and read by weights.check_saveable) — save the unprocessed model instead.
 
 What changes in the activations: with fold_ln, ln_1/ln_2/ln_f are normalised only (no affine); with
 center_writing_weights, every residual point (embed, resid_mid, resid_post, attn.out, mlp.out) is its centred
@@ -37,6 +38,11 @@ import torch
 import torch.nn as nn
 
 
+PROCESSED_REFUSAL = ("its weights were processed for analysis (nanogpt2.analysis.process_weights: folded LayerNorms, "
+                     "an untied lm_head with a bias), which a GPT-2 checkpoint cannot represent; save the model "
+                     "before processing it")
+
+
 def process_weights(model, fold_ln: bool = True, center_writing_weights: bool = True, center_unembed: bool = True,
                     fold_value_biases: bool = True):
     """Apply the chosen transforms (module docstring) to `model`, a GPT2LMHeadModel, in place, in
@@ -48,6 +54,8 @@ def process_weights(model, fold_ln: bool = True, center_writing_weights: bool = 
                         f"{type(model).__name__}")
     t = model.transformer
     _check_plain_linears(model)
+    if fold_ln or center_writing_weights or center_unembed or fold_value_biases:
+        model.checkpoint_refusal = PROCESSED_REFUSAL   # read by weights.check_saveable
     with torch.no_grad():
         if fold_ln or center_writing_weights or center_unembed:
             _untie(model)

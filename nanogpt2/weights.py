@@ -193,10 +193,10 @@ def hf_state_dict(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def check_saveable(model: nn.Module) -> None:
-    """Refuse a model that a plain checkpoint cannot represent. A module says so itself with a class attribute
-    `checkpoint_refusal`: a sentence on what to do instead (lora.LoRALinear sets one: its keys, base_layer and
-    lora_A/B, would make a checkpoint that neither nanogpt2 nor transformers loads as a GPT-2)."""
-    refusing = [(name, m.checkpoint_refusal) for name, m in model.named_modules()
+    """Refuse a model that a plain checkpoint cannot represent. A module says so itself with an attribute
+    `checkpoint_refusal`: a sentence on what to do instead. lora.LoRALinear has one (its keys, base_layer and
+    lora_A/B, would make a checkpoint no GPT-2 loader accepts); process_weights sets one on the model."""
+    refusing = [(name or type(model).__name__, m.checkpoint_refusal) for name, m in model.named_modules()
                 if getattr(m, "checkpoint_refusal", None)]
     if refusing:
         names = ", ".join(name for name, _ in refusing[:3]) + (", ..." if len(refusing) > 3 else "")
@@ -207,10 +207,14 @@ def check_saveable(model: nn.Module) -> None:
 SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 
-def _remove_previous_save(save_directory: str) -> None:
-    """Delete the weight files a previous save left (any format, any shard count), so the directory holds exactly
-    the new checkpoint: a stale shard beside a new index would be loaded by nobody yet look like part of it."""
+def _remove_previous_save(save_directory: str, written: set[str]) -> None:
+    """Delete the weight files a previous save left (any format, any shard count) that this save did not write,
+    so the directory holds exactly the new checkpoint: a stale shard beside a new index would be loaded by nobody
+    yet look like part of it. Called after the new files are written, so a save that fails midway leaves the
+    previous files whose names differ from the new ones."""
     for name in os.listdir(save_directory):
+        if name in written:
+            continue
         if name in (SAFE_SINGLE, SAFE_INDEX, TORCH_BIN) or SHARD_NAME.fullmatch(name):
             os.remove(os.path.join(save_directory, name))
 
@@ -237,11 +241,11 @@ def save_pretrained(model: nn.Module, save_directory, max_shard_size="5GB") -> N
         current.append((name, t))
         size += nbytes
     shards.append(current)
-    _remove_previous_save(save_directory)
 
     if len(shards) == 1:
         save_file({n: t.contiguous() for n, t in shards[0]}, os.path.join(save_directory, SAFE_SINGLE),
                   metadata={"format": "pt"})
+        _remove_previous_save(save_directory, {SAFE_SINGLE})
         return
     weight_map, total = {}, 0
     for i, shard in enumerate(shards):
@@ -252,3 +256,4 @@ def save_pretrained(model: nn.Module, save_directory, max_shard_size="5GB") -> N
             total += t.numel() * t.element_size()
     with open(os.path.join(save_directory, SAFE_INDEX), "w", encoding="utf-8") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    _remove_previous_save(save_directory, {SAFE_INDEX, *weight_map.values()})

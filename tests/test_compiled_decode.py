@@ -191,3 +191,40 @@ def test_cuda_graph_decode_captures_once_and_replays(models, batch):
     want = model.generate(ids, attention_mask=mask, max_new_tokens=NEW)
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=NEW, compile=True), want)
     assert next(iter(model.compiled_decode.runners.values())) is not runner
+
+
+def test_two_open_streams_of_one_shape_do_not_share_a_runner(fresh_model, batch):
+    """An open stream keeps its runner: a second stream (or a generate() inside a streamer) of the same shape
+    gets buffers of its own, and both give the eager tokens."""
+    ids = batch[0][:1]
+    want_a = fresh_model.generate(ids, max_new_tokens=NEW)
+    want_b = fresh_model.generate(ids.flip(-1), max_new_tokens=NEW)
+    a = generation.stream(fresh_model, ids, max_new_tokens=NEW, compile=True)
+    b = generation.stream(fresh_model, ids.flip(-1), max_new_tokens=NEW, compile=True)
+    got_a, got_b = [], []
+    for ta, tb in zip(a, b):                                   # interleaved, token by token
+        got_a.append(ta)
+        got_b.append(tb)
+        inner = fresh_model.generate(ids, max_new_tokens=NEW, compile=True)   # a third, inside
+        assert torch.equal(inner, want_a)
+    assert torch.equal(torch.stack(got_a, 1), want_a[:, ids.shape[1]:])
+    assert torch.equal(torch.stack(got_b, 1), want_b[:, ids.shape[1]:])
+    assert not any(r.busy for r in fresh_model.compiled_decode.runners.values())   # all released
+
+
+def test_a_copy_of_the_model_starts_without_its_compiled_step(fresh_model):
+    fresh_model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, compile=True)
+    assert fresh_model.compiled_decode is not None
+    clone = copy.deepcopy(fresh_model)
+    assert clone.compiled_decode is None
+    assert torch.equal(clone.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, compile=True),
+                       fresh_model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3))
+
+
+def test_static_positions_follow_the_one_positions_rule():
+    """The fixed-shape step's positions equal positions_from_mask's for the same padding and length."""
+    from nanogpt2.attention import positions_from_mask, static_positions
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    kv_start = torch.tensor([2, 0], dtype=torch.int32)
+    seqlens = torch.full((2,), 6, dtype=torch.int32)
+    assert torch.equal(static_positions(seqlens, kv_start), positions_from_mask(mask, 5, 1, "cpu"))

@@ -4,6 +4,7 @@ the runner goes on past a failing part and says which failed, and the plan runs 
 The dry run here takes the parts the rest of the suite does not already run (the kernel and model test files,
 and the benchmarks' --quick modes, are run by their own tests): the same runner and the same part commands.
 """
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -13,12 +14,20 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import gpu_check  # noqa: E402
-import sync_check  # noqa: E402
-from gpu_check import PLAN, Part  # noqa: E402
 
-sys.path.pop(0)
+
+def _load_tool(name):
+    """tools/<name>.py as a module, without putting tools/ on sys.path."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module   # dataclasses and pickling look a module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_check = _load_tool("gpu_check")
+sync_check = _load_tool("sync_check")
+PLAN, Part = gpu_check.PLAN, gpu_check.Part
 PY = sys.executable
 DRY_PARTS = "env,gpu-tests,sync-check,bench-train"
 

@@ -109,3 +109,14 @@ def test_bundled_model_processed_generates_the_same_text():
     nxt = int(expected[0, ids.shape[1]])   # the token greedy decoding picked next
     attrs = cache.logit_attrs(cache.decompose_resid(heads=True, pos_slice=-1), nxt, pos_slice=-1)
     torch.testing.assert_close(attrs.sum(0), logits[:, -1, nxt] - model.lm_head.bias[nxt], atol=1e-4, rtol=0)
+
+
+def test_a_processed_model_refuses_to_save(tmp_path):
+    """Its lm_head has a bias and its own matrix: no GPT-2 checkpoint holds that, so saving must not pretend."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=1, n_head=2))
+    processed = process_weights(copy.deepcopy(model))
+    with pytest.raises(ValueError, match="processed for analysis.*save the model before processing"):
+        processed.save_pretrained(tmp_path)
+    assert not (tmp_path / "model.safetensors").exists()
+    model.save_pretrained(tmp_path)   # the original is untouched and saves

@@ -275,3 +275,13 @@ def test_resaving_removes_the_previous_saves_shards(tmp_path):
     model.save_pretrained(tmp_path)                                # one file: no index, no shards left
     assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors", "notes.txt"]
     same_logits(GPT2LMHeadModel.from_pretrained(tmp_path), model, torch.randint(0, 50, (1, 5)))
+
+
+def test_config_of_a_preset_name_falls_back_only_when_the_hub_is_unavailable(tmp_path, monkeypatch):
+    """Offline and not cached, "gpt2-medium" is its preset; a broken local directory named "gpt2" is an error,
+    never silently the preset."""
+    assert GPT2Config.from_pretrained("gpt2-medium").n_layer == 24
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gpt2").mkdir()
+    with pytest.raises(CheckpointError, match="gpt2 is not a GPT-2 checkpoint directory"):
+        GPT2Config.from_pretrained("gpt2")
