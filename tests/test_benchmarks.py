@@ -16,7 +16,7 @@ SCRIPTS = sorted(f for f in os.listdir(os.path.join(ROOT, "benchmarks")) if f.en
 
 def test_every_script_is_listed():
     assert set(SCRIPTS) >= {"attention.py", "decode.py", "generate.py", "hooks.py", "load_memory.py", "memory.py",
-                            "prefill.py", "train_step.py"}
+                            "patching.py", "prefill.py", "train_step.py"}
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
