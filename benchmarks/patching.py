@@ -51,8 +51,9 @@ def speed(args, repeats: int) -> None:
     corrupted = clean.clone()
     corrupted[0, T // 4] = (clean[0, T // 4] + 1) % model.config.vocab_size
     metric = logit_diff(3, 5)
-    print(f"# patching speed, {args.dtype}, GPT-2 {'tiny' if args.quick else args.preset} shape ({L} layers, {H} heads), "
-          f"1 prompt pair of {T} tokens, metric at the last position (logits_to_keep=1); medians of {repeats}")
+    shape = "tiny" if args.quick else args.preset
+    print(f"# patching speed, {args.dtype}, GPT-2 {shape} shape ({L} layers, {H} heads), 1 prompt pair of {T} tokens, "
+          f"metric at the last position (logits_to_keep=1); medians of {repeats}")
     table = Table([("point", 12), ("result", 16), ("cells", 7), ("one/cell ms", 13), ("batched ms", 12),
                    ("speedup", 9), ("attrib ms", 11), ("max|diff|", 11)])
     tol = 1e-4 if args.dtype == "float32" else 5e-2

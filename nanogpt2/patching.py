@@ -67,7 +67,7 @@ def _resid_pre_name(layer: int) -> str:
     return "embed" if layer == 0 else f"h.{layer - 1}.resid_post"
 
 
-# ---- what a caller passes, checked once -----------------------------------------------------------------
+# ---- the result -----------------------------------------------------------------------------------------
 
 @dataclass
 class PatchResult:
@@ -104,6 +104,8 @@ class PatchResult:
             rows.append(f"{label[:8]:>8}" + "".join(f"{v:>10.4g}" for v in row))
         return head + "\n" + "\n".join(rows)
 
+
+# ---- what a caller passes, checked once -----------------------------------------------------------------
 
 @dataclass
 class _Job:
@@ -157,11 +159,13 @@ def _job(model, clean, corrupted, point: str, by_position: bool, into: str, atte
         raise ValueError("the model is in training mode (dropout would make every run different): call model.eval()")
     if model.hooks_active():
         raise ValueError(f"hooks are already set at {sorted(model._registry().fns)}: patching sets its own and runs "
-                         "blocks on sliced batches those would not expect; leave the `with model.hooks(...)` block first")
+                         "blocks on sliced batches those would not expect; leave the `with model.hooks(...)` block "
+                         "first")
     if point not in POINTS:
         raise ValueError(f"unknown patching point {point!r}: valid: {', '.join(POINTS)}")
     if into not in DIRECTIONS:
-        raise ValueError(f"into={into!r}: patch into 'corrupted' (clean activations copied in) or 'clean' (the reverse)")
+        raise ValueError(f"into={into!r}: patch into 'corrupted' (clean activations copied in) or 'clean' "
+                         "(the reverse)")
     device = model.lm_head.weight.device
     V = model.config.vocab_size
     clean = check_token_ids(torch.as_tensor(clean), V, "clean").to(device)
@@ -199,10 +203,11 @@ def _record(model, ids, mask, names, kept: int) -> tuple[torch.Tensor, dict[str,
     return logits, acts
 
 
-def _scalar(value, what: str = "metric") -> torch.Tensor:
+def _scalar(value) -> torch.Tensor:
+    """A metric's value as a 0-d float tensor; it must be one number for the whole batch of prompts."""
     value = torch.as_tensor(value)
     if value.numel() != 1:
-        raise ValueError(f"{what} must return one number for the batch of prompts (reduce over them, e.g. .mean()), "
+        raise ValueError(f"metric must return one number for the batch of prompts (reduce over them, e.g. .mean()), "
                          f"got shape {tuple(value.shape)}")
     return value.reshape(()).float()
 
@@ -235,7 +240,7 @@ def patch_naive(model, clean, corrupted, metric: Metric, point: str = "resid_pre
     target_logits = model(job.target, attention_mask=job.mask, logits_to_keep=job.kept).logits
     values = torch.empty(len(job.cells))
     for i, (layer, p, head) in enumerate(job.cells):
-        def patch_one(x, name, layer=layer, p=p, head=head):
+        def patch_one(x, name, p=p, head=head):
             x = x.clone()
             _write_patch(x, source[name], point, p, p, head)
             return x
