@@ -27,6 +27,13 @@ from .attention_view import attention_html  # noqa: F401  (re-exported: the inte
 from .weight_processing import process_weights  # noqa: F401  (re-exported)
 
 VIZ_HINT = "pip install 'nanogpt2[viz]' (or: pip install matplotlib)"
+DEFAULT_TEXT = "First Citizen:\nBefore we proceed any further, hear me speak."   # the tools' --text default
+
+
+def add_model_and_text(parser) -> None:
+    """The --model and --text flags every analysis tool in tools/ takes, with their defaults written once."""
+    parser.add_argument("--model", default="shakespeare-tiny", help="bundled model name, local directory or hub id")
+    parser.add_argument("--text", default=DEFAULT_TEXT, help="the text to run (GPT-2 tokenizer)")
 
 
 # ---- tokens -------------------------------------------------------------------------------------

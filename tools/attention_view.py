@@ -12,13 +12,12 @@ import argparse
 import os
 import sys
 
-DEFAULT_TEXT = "First Citizen:\nBefore we proceed any further, hear me speak."
+from nanogpt2.analysis import add_model_and_text
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="shakespeare-tiny", help="bundled model name, local directory or hub id")
-    parser.add_argument("--text", default=DEFAULT_TEXT, help="the text to run (GPT-2 tokenizer)")
+    add_model_and_text(parser)
     parser.add_argument("--layer", type=int, required=True, help="block index, 0-based")
     parser.add_argument("--out", default=None, help="HTML file to write (default: attention_layer<L>.html)")
     args = parser.parse_args(argv)

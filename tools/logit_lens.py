@@ -11,13 +11,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-DEFAULT_TEXT = "First Citizen:\nBefore we proceed any further, hear me speak."
+from nanogpt2.analysis import add_model_and_text
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="shakespeare-tiny", help="bundled model name, local directory or hub id")
-    parser.add_argument("--text", default=DEFAULT_TEXT, help="the text to run (GPT-2 tokenizer)")
+    add_model_and_text(parser)
     parser.add_argument("--top-k", type=int, default=5, help="tokens shown per layer and position")
     parser.add_argument("--positions", type=int, nargs="+", default=None, metavar="P",
                         help="token positions to show, 0-based; negative counts from the end (default: all)")
