@@ -48,7 +48,7 @@ def test_batched_equals_one_forward_per_cell(model, prompts, point, by_position)
         assert (ref.values - unpatched).abs().max() > 1e-3, "patches must move the metric, or this proves nothing"
 
 
-@pytest.mark.parametrize("point", ["resid_pre", "mlp.out"])
+@pytest.mark.parametrize("point", ["resid_pre", "mlp.out", "attn.z", "attn.pattern"])
 def test_a_metric_reading_earlier_positions_sees_the_target_run_there(model, prompts, point):
     """logits_to_keep=3 reads positions 4..6: a cell at position 5 computes 5..6 itself, 4 comes from the target."""
     clean, corrupted = prompts
@@ -72,7 +72,7 @@ def test_padded_batch_equals_one_forward_per_cell(model):
     mask[1, :2] = 0           # row 1: two pads on the left
     mask[2, :3] = 0
     metric = logit_diff(3, 5)
-    for point, by_position in [("resid_pre", True), ("attn.z", False), ("mlp.out", False)]:
+    for point, by_position in [("resid_pre", True), ("attn.z", True), ("attn.z", False), ("mlp.out", False)]:
         fast = patch(model, clean, corrupted, metric, point, by_position=by_position, attention_mask=mask)
         ref = patch_naive(model, clean, corrupted, metric, point, by_position=by_position, attention_mask=mask)
         torch.testing.assert_close(fast.values, ref.values, atol=1e-5, rtol=1e-5)
