@@ -22,6 +22,7 @@ import time
 import torch
 
 from .dtypes import DTYPES, FLAG_CHOICES
+from .quantization import DEFAULT_GROUP_SIZE, GROUP_SIZES, MODES
 from .generation import GenerationConfig, generate, stream
 from .model import GPT2LMHeadModel
 from .tokenizer import get_tokenizer
@@ -52,6 +53,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], metavar="STRING",
                    help="stop before this text (not printed); repeat the flag for several")
     p.add_argument("--dtype", choices=FLAG_CHOICES, default="float32", help="weights' dtype (default: %(default)s)")
+    p.add_argument("--quantize", choices=MODES, default=None,
+                   help="store the block projections and lm_head as int8 or int4 weights while loading: "
+                        "fewer bytes read per token (quantization.py); default: off")
+    p.add_argument("--group-size", type=int, default=None,
+                   help=f"int4's group size: {', '.join(map(str, GROUP_SIZES))} (default {DEFAULT_GROUP_SIZE})")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step: faster per token, after a compile of up to a minute "
                         "(worth it for long outputs; generate(compile=True))")
@@ -107,7 +113,8 @@ def main(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace, out=None) -> int:
     out = out or sys.stdout
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = GPT2LMHeadModel.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=device)
+    model = GPT2LMHeadModel.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=device,
+                                            quantize=args.quantize, group_size=args.group_size)
     enc = get_tokenizer()
     ids = enc.encode(args.prompt, allowed_special="all") if args.prompt else [enc.eot_token]
     kwargs = {name: getattr(args, name) for name in SAMPLING_FLAGS + ("repetition_penalty", "num_beams",
@@ -146,5 +153,6 @@ def run(args: argparse.Namespace, out=None) -> int:
             out.write(f"--- sequence {i + 1} ---\n{args.prompt}{''.join(pieces)}{text.finish()}\n")
     out.flush()
     dt = time.perf_counter() - t0
-    print(f"[{n} tokens in {dt:.2f} s: {n / dt:.1f} tok/s on {device}, {args.dtype}]", file=sys.stderr)
+    weights = args.dtype if args.quantize is None else f"{args.quantize} weights, {args.dtype} activations"
+    print(f"[{n} tokens in {dt:.2f} s: {n / dt:.1f} tok/s on {device}, {weights}]", file=sys.stderr)
     return 0

@@ -301,7 +301,7 @@ def process(scores: torch.Tensor, history: torch.Tensor, n_new: int, cfg: Genera
 
 
 def new_cache(model, rows: int, max_len: int) -> KVCache:
-    w = model.lm_head.weight
+    w = model.transformer.wpe.weight    # a float weight (lm_head's may be integers: quantization.py)
     return KVCache.for_model(model.config, rows, max_len=max_len, dtype=w.dtype, device=w.device)
 
 

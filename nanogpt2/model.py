@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from . import generation, weights
+from . import generation, quantization, weights
 from .attention import AttentionMask, attention, check_backend, positions_from_mask
 from .cache import KVCache
 from .config import GPT2Config
@@ -133,10 +133,15 @@ class PreTrained(HooksMixin, nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype=None, device=None, attn_implementation: str = "auto",
-                        revision: Optional[str] = None):
-        """A local directory, a bundled model name, or a Hugging Face hub id (files.py); read by weights.py."""
+                        revision: Optional[str] = None, quantize: Optional[str] = None,
+                        group_size: Optional[int] = None):
+        """A local directory, a bundled model name, or a Hugging Face hub id (files.py); read by weights.py.
+        quantize="int8" | "int4" (group_size 32/64/128/256, default 64) stores the block projections and lm_head
+        as integers, quantized tensor by tensor while loading (quantization.py); a checkpoint saved quantized
+        loads quantized without it."""
         check_backend(attn_implementation)
-        model = weights.load_pretrained(cls, name_or_path, dtype=dtype, device=device, revision=revision)
+        model = weights.load_pretrained(cls, name_or_path, dtype=dtype, device=device, revision=revision,
+                                        quantize=quantize, group_size=group_size)
         model.set_attn_implementation(attn_implementation)
         return model
 
@@ -169,7 +174,11 @@ class PreTrained(HooksMixin, nn.Module):
                 nn.init.normal_(p, 0.0, std)
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+        """Weights the model computes with (a quantized layer counts its in x out weights, not its bytes)."""
+        quantized = [m for m in self.modules() if isinstance(m, quantization.QuantizedLinear)]
+        stored = {id(p) for m in quantized for p in (m.weight, m.scales, m.zeros) if p is not None}
+        return (sum(p.numel() for p in self.parameters() if id(p) not in stored)   # parameters() dedups ties
+                + sum(m.in_features * m.out_features for m in {id(m.weight): m for m in quantized}.values()))
 
     @property
     def device(self) -> torch.device:
@@ -177,7 +186,12 @@ class PreTrained(HooksMixin, nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        """The float dtype the model computes in (a quantized model's integer weights are not it)."""
+        return next(p for p in self.parameters() if p.is_floating_point()).dtype
+
+    def dequantize(self):
+        """A quantized model back in float, in place (quantization.dequantize); returns the model."""
+        return quantization.dequantize(self)
 
 
 class GPT2Model(PreTrained):
@@ -214,7 +228,7 @@ class GPT2Model(PreTrained):
             B, T = inputs_embeds.shape[:2]
         cache = past_key_values
         if cache is None and use_cache:
-            cache = KVCache.for_model(self.config, B, dtype=self.wte.weight.dtype, device=self.wte.weight.device)
+            cache = KVCache.for_model(self.config, B, dtype=self.wpe.weight.dtype, device=self.wpe.weight.device)
         past = cache.length if cache is not None else 0
         if past + T > self.config.n_positions:
             raise ValueError(f"sequence length {past + T} (cached {past} + new {T}) exceeds the model's maximum "
@@ -272,7 +286,11 @@ class GPT2LMHeadModel(PreTrained):
             self.init_weights()
 
     def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
+        if not self.config.tie_word_embeddings:
+            return
+        if isinstance(self.lm_head, quantization.QuantizedLinear):
+            quantization.tie(self)          # weight, scales and zeros: one quantized matrix (quantization.py)
+        else:
             self.lm_head.weight = self.transformer.wte.weight
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, token_type_ids=None,

@@ -13,12 +13,27 @@ def build_optimizer(model: nn.Module, lr: float, betas: tuple[float, float], wei
     """AdamW over the trainable parameters: 2-D tensors (matmul weights, embeddings, LoRA A/B) decay,
     biases and LayerNorm parameters do not (nanoGPT; decaying a gain or shift pulls it to 0, not to a
     sensible prior). The tied lm_head/wte matrix appears once (parameters() dedups it)."""
+    check_trainable(model)
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = device.type == "cuda"  # one kernel for all parameters; CPU keeps the (deterministic) for-each path
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+
+
+def check_trainable(model: nn.Module) -> None:
+    """A quantized model (quantization.py) trains LoRA adapters only (QLoRA): its integer weights cannot take
+    optimizer steps, and training its float leftovers (biases, LayerNorms) alone is not what a user asking
+    for fine-tuning means. Refuse it with the two ways forward."""
+    if not any(not p.is_floating_point() for p in model.parameters()):
+        return
+    full = [n for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n]
+    if full:
+        raise ValueError(f"this model has quantized (integer) weights, which an optimizer cannot update, and "
+                         f"trainable non-adapter parameters ({', '.join(full[:3])}{', ...' if len(full) > 3 else ''})"
+                         ": train LoRA adapters on it (apply_lora, or tools/train.py --lora-r 8), or call "
+                         "nanogpt2.dequantize(model) first for full fine-tuning")
 
 
 class WarmupCosine:

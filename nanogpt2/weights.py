@@ -18,6 +18,7 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
+from . import quantization
 from .config import GPT2Config
 from .dtypes import dtype_from_name, dtype_name
 from .files import SAFE_INDEX, SAFE_SINGLE, TORCH_BIN, CheckpointError, resolve
@@ -73,6 +74,11 @@ class _TensorSource:
             return tuple(self._f.get_slice(key).get_shape())
         return tuple(self._sd[key].shape)
 
+    def is_float(self, key: str) -> bool:
+        if hasattr(self, "_f"):   # safetensors dtype names: F16, BF16, F32, F64, F8_E4M3, ... vs I8, U8, ...
+            return self._f.get_slice(key).get_dtype().startswith(("F", "BF"))
+        return self._sd[key].is_floating_point()
+
     def get(self, key: str) -> torch.Tensor:
         try:
             return self._f.get_tensor(key) if hasattr(self, "_f") else self._sd[key]
@@ -92,20 +98,35 @@ def _resolve_dtype(dtype, checkpoint_dtype: torch.dtype) -> torch.dtype:
     return checkpoint_dtype if dtype == "auto" else dtype_from_name(dtype)
 
 
-def load_pretrained(cls, name_or_path, dtype=None, device=None, revision=None) -> nn.Module:
+def load_pretrained(cls, name_or_path, dtype=None, device=None, revision=None, quantize=None,
+                    group_size=None) -> nn.Module:
     """A `cls(config)` (any module taking a GPT2Config, built on the meta device) filled from the checkpoint that
-    `name_or_path` names (files.resolve), in eval mode, as transformers returns it."""
+    `name_or_path` names (files.resolve), in eval mode, as transformers returns it. `quantize` ("int8" / "int4",
+    quantization.py) quantizes each weight as it is read; a checkpoint saved quantized loads as it was saved."""
     ckpt = resolve(name_or_path, revision)
     config = GPT2Config.from_json_file(ckpt.config_file)
+    saved = config.extra.get("quantization_config")
+    if quantize is None and group_size is not None:
+        raise ValueError(f"group_size={group_size!r} needs quantize=\"int4\"")
     with torch.device("meta"):
         model = cls(config)
-    load_weights(model, ckpt.weight_files, dtype=dtype, device=device)
+    quantizer = None
+    if saved is not None:
+        mode, g = quantization.check_saved_config(saved, ckpt.config_file, quantize, group_size)
+        quantization.build_quantized(model, mode, g)
+    elif quantize is not None:
+        quantizer = quantization.Quantizer(model, quantize, group_size)
+    load_weights(model, ckpt.weight_files, dtype=dtype, device=device, quantizer=quantizer)
+    if quantizer is not None:
+        quantizer.finish(model)
     model.name_or_path = ckpt.source
     return model.eval()  # as transformers: dropout off until .train()
 
 
-def load_weights(model: nn.Module, files: list[str], dtype=None, device=None) -> None:
-    """Fill `model`'s parameters (meta or real) from HF weight files, strictly; see the module doc."""
+def load_weights(model: nn.Module, files: list[str], dtype=None, device=None, quantizer=None) -> None:
+    """Fill `model`'s parameters (meta or real) from HF weight files, strictly; see the module doc. Integer
+    tensors (a quantized checkpoint's) keep their dtype and nn.Linear layout; `quantizer` (quantization.Quantizer)
+    is told after each module is filled."""
     config = model.config
     expected = {_canonical(n): n for n, _ in model.named_parameters()}  # canonical -> our name
     # a checkpoint's lm_head.weight is skipped when it is wte itself (tied) or the model has no head (GPT2Model)
@@ -124,8 +145,14 @@ def load_weights(model: nn.Module, files: list[str], dtype=None, device=None) ->
             if canon not in expected:
                 unexpected.append(f"{key} (in {os.path.basename(src.path)})")
                 continue
+            param = params[expected[canon]]
+            if param.is_floating_point() != src.is_float(key):
+                raise CheckpointError(f"tensor {key!r} in {src.path} is {'float' if src.is_float(key) else 'integer'} "
+                                      f"but this model needs {'a float' if param.is_floating_point() else 'an integer'}"
+                                      " tensor there: a quantized checkpoint needs the quantization_config its "
+                                      "config.json was saved with (quantization.py)")
             shape = src.shape(key)
-            if canon.endswith(CONV1D_SUFFIXES):
+            if _conv1d(canon, param):
                 shape = shape[::-1]
             want = tuple(params[expected[canon]].shape)
             if shape != want:
@@ -144,19 +171,29 @@ def load_weights(model: nn.Module, files: list[str], dtype=None, device=None) ->
                               f"{_names(missing)} (config.json says n_layer={config.n_layer}; nanogpt2 never "
                               "initialises a missing weight at random)")
 
-    first = sources[0].get(plan[0][1]) if plan else None
+    # the checkpoint's own dtype ("auto"): its first float tensor's (a quantized one's integers say nothing)
+    first = next((t for t in (src.get(key) for src, key, _ in plan) if t.is_floating_point()), None)
     target = _resolve_dtype(dtype, first.dtype if first is not None else torch.float32)
     device = torch.device(device) if device is not None else torch.device("cpu")
     for src, key, canon in plan:
         t = src.get(key)
-        if canon.endswith(CONV1D_SUFFIXES):
+        param = params[expected[canon]]
+        if _conv1d(canon, param):
             t = t.t()
-        t = t.to(device=device, dtype=target).contiguous()
+        t = t.to(device=device, dtype=target if t.is_floating_point() else t.dtype).contiguous()
         module_name, _, attr = expected[canon].rpartition(".")
         module = model.get_submodule(module_name)
-        module._parameters[attr] = nn.Parameter(t, requires_grad=module._parameters[attr].requires_grad)
+        module._parameters[attr] = nn.Parameter(t, requires_grad=param.requires_grad)
+        if quantizer is not None:
+            quantizer.loaded(model, module_name)
+    quantization.repack(model)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+
+
+def _conv1d(canon: str, param: torch.Tensor) -> bool:
+    """HF stores these four as Conv1D [in, out]; a quantized checkpoint's integer ones are nn.Linear [out, in]."""
+    return canon.endswith(CONV1D_SUFFIXES) and param.is_floating_point()
 
 
 def _hf_shape(canon: str, shape) -> str:
@@ -182,12 +219,13 @@ def _parse_size(size) -> int:
 
 
 def hf_state_dict(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) in Hugging Face's layout: Conv1D weights transposed, tied lm_head left out."""
+    """(name, tensor) in Hugging Face's layout: Conv1D weights transposed, tied lm_head left out (with its scales
+    and zeros when quantized: they are wte's). Integer tensors keep nn.Linear's [out, in] (quantization.py)."""
     tied = getattr(model.config, "tie_word_embeddings", True)
     for name, t in model.state_dict().items():
-        if name == "lm_head.weight" and tied:
+        if name in ("lm_head.weight", "lm_head.scales", "lm_head.zeros") and tied:
             continue
-        if name.endswith(CONV1D_SUFFIXES):
+        if _conv1d(name, t):
             t = t.t()
         yield name, t.detach()
 

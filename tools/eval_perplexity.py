@@ -37,13 +37,17 @@ class EvalConfig:
     device: str = flag("auto, cpu, cuda", default="auto")
     dtype: str = flag("weights dtype: float32, bfloat16, float16, auto (the checkpoint's)", default="float32")
     cache_dir: Optional[str] = flag("token cache directory (see tools/train.py)", default=None)
+    quantize: Optional[str] = flag("int8 or int4: quantize the weights while loading (nanogpt2.quantization); "
+                                   "default: off", default=None)
+    group_size: Optional[int] = flag("int4's group size: 32, 64, 128, 256 (default 64)", default=None)
 
 
 def main(argv=None) -> float:
     cfg = EvalConfig(**vars(dataclass_parser(EvalConfig, "tools/eval_perplexity.py", __doc__.split("\n")[0])
                             .parse_args(argv)))
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model = GPT2LMHeadModel.from_pretrained(cfg.model, dtype=cfg.dtype, device=device)
+    model = GPT2LMHeadModel.from_pretrained(cfg.model, dtype=cfg.dtype, device=device, quantize=cfg.quantize,
+                                            group_size=cfg.group_size)
     tokens = load_tokens(tokenize_file(cfg.data, cfg.cache_dir, verbose=False))
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise SystemExit(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
@@ -56,7 +60,8 @@ def main(argv=None) -> float:
     t0 = time.perf_counter()
     ppl, nll, n = sliding_window_perplexity(model, ids, cfg.max_length, cfg.stride, progress=True)
     dt = time.perf_counter() - t0
-    print(f"{cfg.model} on {cfg.data} (tokens {start:,}..{end:,}): perplexity {ppl:.4f} | nll {nll:.4f} nats/token | "
+    weights = f" ({cfg.quantize})" if cfg.quantize else ""
+    print(f"{cfg.model}{weights} on {cfg.data} (tokens {start:,}..{end:,}): perplexity {ppl:.4f} | nll {nll:.4f} nats/token | "
           f"{n:,} tokens scored | max_length {cfg.max_length or model.config.n_positions}, stride {cfg.stride} | "
           f"{dt:.1f} s")
     return ppl
