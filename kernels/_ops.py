@@ -12,13 +12,18 @@ Outside compile, the op runs the launcher as plain Python (torch disables the wr
 Under TRITON_INTERPRET=1 (the CPU tests) a kernel is an InterpretedFunction that torch cannot trace,
 so there the op is a plain `custom_op`: opaque to every compile stage, its fake (shape) function the
 same launcher with the launches skipped. Same launchers, same shapes; only the registration differs.
+
+Below those, what launchers share: the SM count, tl.dot's precision for fp32 inputs, and the walk down a
+list of tile configs to the first one that fits the GPU's shared memory.
 """
 import contextlib
+import functools
 import os
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import custom_op, triton_op, wrap_triton
+from triton.runtime.errors import OutOfResources
 
 # Triton reads TRITON_INTERPRET once, when it is imported; so do we.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -59,3 +64,48 @@ class _Interpreted:
 def on_device(t):
     """Launch on t's GPU (Triton launches on the current device), whatever device is current."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+# -- shared by launchers: device facts, dot precision, the first config that fits ------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device):
+    """Streaming multiprocessors of a CUDA device (cached: a launcher asks on every call); 8 elsewhere,
+    where it only sizes grids for the interpreter."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
+
+
+def dot_precision(dtype):
+    """tl.dot's input_precision for fp32 inputs, following torch's own matmul setting
+    (torch.set_float32_matmul_precision): "highest" gets IEEE fp32 products, "high"/"medium" TF32 tensor
+    cores. fp16/bf16 inputs ignore it."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+_FIRST_FIT = {}  # key -> index of the first config that fitted this GPU
+
+
+def launch_first_fit(key, kernel, configs, grid_for, args, constexprs):
+    """kernel[grid_for(cfg)](*args, **constexprs, **cfg) with the first config that fits; the choice is
+    remembered under `key` (which should name the kernel, the config list and the device).
+
+    configs: dicts of constexprs plus num_warps/num_stages, best first. A config that needs more shared
+    memory than the GPU has raises OutOfResources when it is compiled, before anything runs; the next is
+    tried. Call it inside a custom op: eagerly it runs on every call; under torch.compile once, on fake
+    tensors, where nothing raises and the config remembered from an eager call (else the first) is used.
+    """
+    first = _FIRST_FIT.get(key, 0)
+    for i in range(first, len(configs)):
+        try:
+            kernel[grid_for(configs[i])](*args, **constexprs, **configs[i])
+        except OutOfResources:
+            if i == len(configs) - 1:
+                raise
+            continue
+        _FIRST_FIT[key] = i
+        return configs[i]

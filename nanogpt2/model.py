@@ -136,7 +136,7 @@ class PreTrained(HooksMixin, nn.Module):
                         revision: Optional[str] = None, quantize: Optional[str] = None,
                         group_size: Optional[int] = None):
         """A local directory, a bundled model name, or a Hugging Face hub id (files.py); read by weights.py.
-        quantize="int8" | "int4" (group_size 32/64/128/256, default 64) stores the block projections and lm_head
+        quantize="int8" | "int4" (group_size 32/64/128, default 64) stores the block projections and lm_head
         as integers, quantized tensor by tensor while loading (quantization.py); a checkpoint saved quantized
         loads quantized without it."""
         check_backend(attn_implementation)

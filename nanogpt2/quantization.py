@@ -10,7 +10,7 @@ Schemes (w: one row of a weight [out=N, in=K], nn.Linear layout):
   int8  symmetric per output channel:  scale[n] = max|w[n, :]| / 127,  q = round(w / scale) in [-127, 127],
         w ~= q * scale.  Per-channel because GPT-2's rows differ in range by >10x; symmetric because a
         zero point buys nothing at 8 bits and costs a subtraction per weight.
-  int4  asymmetric per group of g in {32, 64, 128, 256} consecutive inputs (gpt-fast's int4 and torch's
+  int4  asymmetric per group of g in {32, 64, 128} consecutive inputs (gpt-fast's int4 and torch's
         _weight_int4pack_mm convention): scale = (max - min) / 15, zero = min + 8 * scale,
         q = round((w - min) / scale) in [0, 15], w ~= (q - 8) * scale + zero. Two weights a byte: input k = 2j
         in the low nibble of byte j, k = 2j + 1 in the high one. A zero point per group because 16 levels
@@ -55,7 +55,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 MODES = ("int8", "int4")
-GROUP_SIZES = (32, 64, 128, 256)     # torch's CPU int4 op takes these; 64 is the default (quality vs bytes)
+GROUP_SIZES = (32, 64, 128)          # the issue's three, which both kernels take; 64: the default (quality vs bytes)
 DEFAULT_GROUP_SIZE = 64
 QUANT_METHOD, FORMAT_VERSION = "nanogpt2", 1
 BLOCK_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -215,11 +215,11 @@ class QuantizedLinear(nn.Module):
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.cpu_weight, self.group_size, self.cpu_scales)
                 y = y[:, : self.out_features]
         elif x.device.type == "cuda" and _kernels() is not None:
-            k, scales = _kernels(), self.scales.to(x.dtype)
+            k = _kernels()      # GEMV for a few rows (decode), GEMM otherwise; scales in any float dtype
             if self.mode == "int8":
-                y = k.int8_linear(x2, self.weight, scales)
+                y = k.int8_linear(x2, self.weight, self.scales)
             else:
-                y = k.int4_linear(x2, self.weight, scales, self.zeros.to(x.dtype), self.group_size)
+                y = k.int4_linear(x2, self.weight, self.scales, self.zeros, self.group_size)
         else:   # no weight-only kernel here (CUDA without triton, other devices): dequantize, then matmul
             y = F.linear(x2, self.dequantized_weight(x.dtype))
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
@@ -338,7 +338,7 @@ def _check_quantizable(model: nn.Module, mode, group_size) -> Optional[int]:
 @torch.no_grad()
 def quantize(model: nn.Module, mode: str, group_size: Optional[int] = None) -> nn.Module:
     """Quantize a GPT-2 in memory, in place, layer by layer (each float weight is freed as its integer copy is
-    made): mode "int8" or "int4" (group_size 32/64/128/256, default 64). Returns the model."""
+    made): mode "int8" or "int4" (group_size 32/64/128, default 64). Returns the model."""
     g = _check_quantizable(model, mode, group_size)
     for name in target_names(model):
         _quantize_module(model, name, mode, g)

@@ -57,7 +57,7 @@ class Part:
 
 
 PYTEST = (PY, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", "--durations=10")
-KERNEL_TESTS = ("tests/test_flash_attention.py", "tests/test_decode_attention.py")
+KERNEL_TESTS = ("tests/test_flash_attention.py", "tests/test_decode_attention.py", "tests/test_quant_matmul.py")
 MODEL_TESTS = ("tests/test_triton_model.py",)
 
 
@@ -79,25 +79,28 @@ def bench_part(name: str, what: str, script: str, gpu_args: tuple, dry_args: tup
 PLAN = [
     Part("env", "the machine: nvidia-smi, driver, GPU, torch/CUDA/triton/transformers versions",
          (PY, "tools/gpu_check.py", "--environment"), budget_s=10, timeout_s=60),
-    pytest_part("kernel-tests", "flash and decode kernels vs fp64 references: fp32/fp16/bf16, GPU tile configs",
-                KERNEL_TESTS, budget_s=60, timeout_s=150, gpu_only=("-n", "4")),
+    pytest_part("kernel-tests", "flash, decode and int8/int4 matmul kernels vs fp64 references: fp32/fp16/bf16, "
+                "GPU tile configs", KERNEL_TESTS, budget_s=85, timeout_s=210, gpu_only=("-n", "4")),
     pytest_part("model-tests", "whole model, triton vs sdpa on CUDA: logits, gradients, generation",
                 MODEL_TESTS, budget_s=25, timeout_s=90),
     pytest_part("gpu-tests", "every other test marked gpu (or cuda_graphs): CUDA-graph decode and the like",
                 ("-m", "gpu", "tests") + tuple(f"--ignore={t}" for t in KERNEL_TESTS + MODEL_TESTS),
-                budget_s=45, timeout_s=120),
+                budget_s=40, timeout_s=120),
     Part("sync-check", "a decode step and a training step under torch.cuda.set_sync_debug_mode('error')",
          (PY, "tools/sync_check.py"), budget_s=15, timeout_s=60),
     bench_part("bench-attention", "attention fwd, fwd+bwd and decode kernel vs SDPA flash/mem-eff, bf16",
                "attention.py", ("--dtype", "bf16"), ("--quick", "--warmup", "0", "--repeats", "1"),
-               budget_s=40, timeout_s=120),
+               budget_s=30, timeout_s=120),
+    bench_part("bench-quant", "int8/int4 weight-only matmul vs bf16 cuBLAS at GPT-2 shapes: decode GB/s, prefill "
+               "TFLOP/s, GEMV/GEMM crossover", "quant_matmul.py", ("--dtype", "bf16"),
+               ("--quick", "--warmup", "0", "--repeats", "1"), budget_s=25, timeout_s=120),
     bench_part("bench-decode", "greedy decode B=1 and B=8, eager and compile=True (CUDA graphs) vs transformers",
                "decode.py", ("--dtype", "bfloat16", "--compile", "--batches", "1", "8", "--new-tokens", "128"),
-               ("--quick", "--batches", "1", "8"), budget_s=80, timeout_s=180,
+               ("--quick", "--batches", "1", "8"), budget_s=50, timeout_s=180,
                env={"TORCH_LOGS": "graph_breaks,recompiles"}),
     bench_part("bench-train", "one training step, 124M, 16x1024, bf16 autocast, vs transformers; MFU",
                "train_step.py", ("--autocast", "bfloat16", "--shapes", "16x1024"), ("--quick",),
-               budget_s=25, timeout_s=90),
+               budget_s=20, timeout_s=90),
 ]
 PARTS = {p.name: p for p in PLAN}
 
