@@ -1,4 +1,5 @@
-"""Training data: a text file -> a cached uint16 token file -> memory-mapped (x, y) batches.
+"""Training data: a text file -> a cached uint16 token file -> memory-mapped (x, y) batches; or a folder of
+token shards (tools/prepare_data.py, nanogpt2.shards) streamed from disk.
 
 Tokenizing is done once per file and cached: the GPT-2 tokenizer (tiktoken "gpt2", vocab 50257 < 2**16, so
 uint16 holds every id) turns the text into one flat token stream on disk, read back with np.memmap, so a
@@ -15,6 +16,11 @@ The training split is cut into non-overlapping sequences, visited in a fresh ran
 Which sequences a step reads is a pure function of (seed, global sequence index), so a data position is
 one integer (sequences consumed so far): that is what a checkpoint stores, and what lets several DDP
 ranks read disjoint slices of the same global batch.
+
+A shard folder feeds the same Split and SequenceSampler: its train and val streams (the split prepare_data
+made) are ShardedTokens, sliced by positioned reads instead of a memmap, and its epochs are shuffled by a
+permutation computed per index (FeistelPermutation, O(1) memory) instead of a stored one (8 bytes per sequence,
+which would grow with the corpus). Memory while training on shards does not depend on the corpus size.
 """
 from __future__ import annotations
 
@@ -23,11 +29,12 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
 
+from .shards import ShardedTokens, is_shard_folder, open_shard_folder
 from .tokenizer import get_tokenizer
 
 TOKEN_DTYPE = np.uint16          # GPT-2's 50257 ids fit in 16 bits: half the disk of int32
@@ -78,6 +85,12 @@ def tokenize_file(text_file: str, cache_dir: Optional[str] = None, chunk_chars: 
     so an interrupted run never leaves a truncated cache behind. `<|endoftext|>` in the text is read as
     plain text (encode_ordinary), never as the special token.
     """
+    if is_shard_folder(text_file):
+        raise ValueError(f"{text_file!r} is a folder of token shards (tools/prepare_data.py): only tools/train.py "
+                         f"--data reads those; here pass a UTF-8 text file")
+    if os.path.isdir(text_file):
+        raise ValueError(f"training data {text_file!r} is a folder without a manifest.json: pass a UTF-8 text file, "
+                         f"or a folder of token shards written by tools/prepare_data.py (which reads folders of text)")
     if not os.path.isfile(text_file):
         raise FileNotFoundError(f"training data {text_file!r} does not exist (pass --data PATH to a UTF-8 text file)")
     out = cache_path(text_file, cache_dir)
@@ -119,12 +132,17 @@ def load_tokens(token_file: str) -> np.ndarray:
 @dataclass
 class Split:
     """One split of the token stream, cut into sequences of T+1 tokens starting every T tokens."""
-    tokens: np.ndarray   # (N,) uint16, a view of the memmap
+    tokens: Union[np.ndarray, ShardedTokens]  # (N,) uint16: a view of the memmap, or shards read on demand
     block_size: int      # T
 
     @property
     def num_sequences(self) -> int:
         return max(0, (len(self.tokens) - 1) // self.block_size)
+
+    @property
+    def streamed(self) -> bool:
+        """Read from shards on demand (a corpus of any size), not a memmap of one token file."""
+        return isinstance(self.tokens, ShardedTokens)
 
     def sequence(self, i: int) -> np.ndarray:
         """Sequence i: tokens[i*T : i*T + T + 1], (T+1,)."""
@@ -157,12 +175,98 @@ def split_tokens(tokens: np.ndarray, val_fraction: float, block_size: int,
     return train, val
 
 
+def shard_splits(folder: str, block_size: int) -> tuple[Split, Split]:
+    """(train, val) of a shard folder written by tools/prepare_data.py: the split it made (its --val-fraction),
+    each streamed from its shards. Too few tokens for one sequence of block_size + 1 is a ValueError naming
+    the folder, the counts and what to change, as split_tokens does for a text file; a folder prepared with
+    --val-fraction 0 gives an empty val split (no validation)."""
+    shards = open_shard_folder(folder)
+    train, val = Split(shards.train, block_size), Split(shards.val, block_size)
+    need = block_size + 1
+    if train.num_sequences == 0:
+        raise ValueError(f"{folder} has {len(train.tokens)} training tokens, fewer than block_size + 1 = {need} "
+                         f"for one training sequence: prepare more text"
+                         + (f" or use a --block-size below {len(train.tokens)}" if len(train.tokens) >= 2 else ""))
+    if len(val.tokens) and val.num_sequences == 0:
+        raise ValueError(f"{folder}: its validation split has {len(val.tokens)} tokens, fewer than block_size + 1 = "
+                         f"{need}: prepare the data again (into a new folder) with a larger --val-fraction, or with "
+                         f"--val-fraction 0 for no validation, or use a smaller --block-size")
+    return train, val
+
+
+def max_token_id(tokens: Union[np.ndarray, ShardedTokens]) -> int:
+    """The largest token id (-1 when empty): a shard folder's from its manifest, else by a chunked scan."""
+    if isinstance(tokens, ShardedTokens) and tokens.max_token is not None:
+        return tokens.max_token
+    return max((int(tokens[s: s + (1 << 24)].max()) for s in range(0, len(tokens), 1 << 24)), default=-1)
+
+
+def check_vocab(source: str, vocab_size: int, *streams: Union[np.ndarray, ShardedTokens]) -> None:
+    """Every token id in the streams must be < vocab_size: GPT-2's ids reach 50256, so a smaller vocabulary
+    fits only data whose ids all fit (a ValueError names the largest)."""
+    if vocab_size >= 50257:
+        return
+    top = max((max_token_id(t) for t in streams), default=-1)
+    if top >= vocab_size:
+        raise ValueError(f"{source} has token id {top}, out of range for vocab_size {vocab_size}; "
+                         f"use the GPT-2 vocabulary (50257) for this data")
+
+
+_M64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's output function (Steele, Lea & Flood, "Fast splittable pseudorandom number generators",
+    OOPSLA 2014): a 64-bit hash in which every output bit depends on every input bit."""
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+class FeistelPermutation:
+    """A pseudo-random permutation of range(n), keyed by (seed, epoch), computed one index at a time in O(1)
+    memory: perm[i] for i in range(n) visits each of 0 .. n-1 exactly once.
+
+    A 4-round Feistel network on 2h-bit integers (2**2h >= n) is a bijection whatever its round function
+    (here _mix64 of the right half and a round key); with a random-looking round function it is a
+    pseudo-random permutation (Luby & Rackoff, SIAM J. Comput. 1988). To stay inside range(n), re-encrypt
+    until the value lands below n ("cycle walking", Black & Rogaway, "Ciphers with arbitrary finite domains",
+    CT-RSA 2002): still a bijection of range(n), and since 2**2h <= 4n, at most 4 trips through the network
+    on average (~5 us per index in CPython: nothing next to a training step).
+    """
+    ROUNDS = 4
+
+    def __init__(self, n: int, seed: int, epoch: int):
+        bits = max(2, (n - 1).bit_length())
+        self.n, self.half = n, (bits + 1) // 2
+        self.mask = (1 << self.half) - 1
+        base = _mix64(seed & _M64)
+        self.keys = [_mix64(base ^ _mix64(epoch * self.ROUNDS + r + 1)) for r in range(self.ROUNDS)]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        if not 0 <= i < self.n:
+            raise IndexError(f"index {i} out of range for a permutation of {self.n}")
+        x = i
+        while True:
+            left, right = x >> self.half, x & self.mask
+            for key in self.keys:
+                left, right = right, left ^ (_mix64(right ^ key) & self.mask)
+            x = (left << self.half) | right
+            if x < self.n:
+                return x
+
+
 class SequenceSampler:
     """Global sequence index k = 0, 1, 2, ... -> a sequence of the split, epoch by epoch in random order.
 
-    Epoch e = k // num_sequences visits every sequence once in the order of a permutation drawn from
-    numpy's PCG64 seeded with (seed, e): deterministic, independent of how many processes read it, and
-    cheap to resume at any k (one permutation, O(num_sequences) int64, is kept per epoch).
+    Epoch e = k // num_sequences visits every sequence once in the order of a permutation seeded with
+    (seed, e): deterministic, independent of how many processes read it, and cheap to resume at any k.
+    A memory-mapped token file's permutation is drawn from numpy's PCG64 and kept for the epoch
+    (O(num_sequences) int64, the order runs have always had); a streamed shard folder's is a
+    FeistelPermutation, computed per index in O(1) memory, so a corpus of any size costs no more memory.
     """
 
     def __init__(self, split: Split, seed: int, shuffle: bool = True):
@@ -178,7 +282,8 @@ class SequenceSampler:
         if not self.shuffle:
             return i
         if epoch != self._epoch:
-            self._perm = np.random.Generator(np.random.PCG64([self.seed, epoch])).permutation(n)
+            self._perm = (FeistelPermutation(n, self.seed, epoch) if self.split.streamed
+                          else np.random.Generator(np.random.PCG64([self.seed, epoch])).permutation(n))
             self._epoch = epoch
         return int(self._perm[i])
 
