@@ -1,33 +1,57 @@
 """A training run on disk: the weights, training_state.pt next to them, and the RNG states that make
 `--resume` bitwise. File I/O only; what goes into the state (step, optimizer, ...) is the loop's business.
 
-    out_dir/
+    out_dir/                                              one process or DDP
       config.json + model.safetensors                     full training: a Hugging Face checkpoint (fp32)
       adapter_config.json + adapter_model.safetensors     LoRA: a PEFT adapter (the base is --init-from)
       training_state.pt                                   step, data position, optimizer, scheduler, RNGs, ...
+
+    out_dir/                                              --fsdp: sharded, written by every rank at once
+      sharded/.metadata + __{rank}_0.distcp               torch.distributed.checkpoint (DCP): the trained weights
+                                                          (all of them; LoRA: the adapters) and AdamW's state,
+                                                          each rank writing the shard it holds
+      config.json                                         the architecture, to rebuild the model to load into
+      training_state.pt                                   as above, less the optimizer (it is in sharded/)
+
+DCP stores where every piece of every tensor is, so a sharded checkpoint loads into any number of processes
+(each reads the pieces of its new shard) or, for export, into one plain model with no process group at all.
 
 training_state.pt is a torch.save'd dict of plain data only: tensors, numbers, strings, None, lists, tuples and
 dicts. That is what lets `--resume` read it with torch.load(weights_only=True), which builds no other Python
 object and so never runs code a file carries: a pickle can name any function to call while it loads
 (`__reduce__`), and an --out-dir can come from anywhere. The RNG states are the reason this needs care:
 numpy's and Python's are tuples holding ndarrays and long int tuples, stored here as int64 tensors and
-turned back into exactly the same states.
+turned back into exactly the same states. DCP's own loader is not that careful: it unpickles its .metadata file
+and the non-tensor entries (the optimizer's lr, betas, ...) with full pickle, so sharded checkpoints are read
+through _SafeReader and _SafeLoadPlanner below, which allow plain data and DCP's own metadata classes only.
 """
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import random
+import re
+import shutil
+import warnings
 
 import numpy as np
 import torch
+import torch.distributed
+import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner, FileSystemReader
+from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from .lora import has_lora, merge_lora, save_adapter
+from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, has_lora, merge_lora, save_adapter
 from .dtypes import dtype_from_name
-from .files import CheckpointError
-from .weights import load_plain_data
+from .files import SAFE_INDEX, SAFE_SINGLE, CheckpointError
+from .quantization import dequantize, is_quantized
+from .weights import SHARD_NAME, load_plain_data
 
 STATE_FILE = "training_state.pt"
+SHARDED_DIR = "sharded"   # --fsdp: the torch.distributed.checkpoint folder inside out_dir
 
 
 # ---- RNG states as plain data ---------------------------------------------------------------------
@@ -78,10 +102,16 @@ def save_checkpoint(out_dir: str, model: nn.Module, state: dict, adapter_base: s
     os.makedirs(out_dir, exist_ok=True)
     if os.path.exists(os.path.join(out_dir, STATE_FILE)):
         os.remove(os.path.join(out_dir, STATE_FILE))
+    shutil.rmtree(os.path.join(out_dir, SHARDED_DIR), ignore_errors=True)  # an earlier --fsdp run's weights
     if has_lora(model):
         save_adapter(model, out_dir, base_model_name_or_path=adapter_base)
     else:
         model.save_pretrained(out_dir)
+    _write_state(out_dir, state)
+
+
+def _write_state(out_dir: str, state: dict) -> None:
+    """training_state.pt, through a rename: it appears complete or not at all."""
     tmp = os.path.join(out_dir, STATE_FILE + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, os.path.join(out_dir, STATE_FILE))
@@ -104,7 +134,184 @@ def load_training_state(out_dir: str) -> dict:
 
 def export_checkpoint(model: nn.Module, directory: str, dtype: str) -> None:
     """A plain HF checkpoint of `model` in `dtype` (a name in dtypes.DTYPES), LoRA folded in. Merges and casts `model`
-    in place (no second copy of a large model): call it when training is over."""
+    in place (no second copy of a large model): call it when training is over. A quantized base (--quantize) is
+    dequantized first: the export is that base in float plus the adapters, loadable anywhere."""
+    if is_quantized(model):
+        dequantize(model)
     if has_lora(model):
         merge_lora(model)
     model.to(dtype_from_name(dtype)).save_pretrained(directory)
+
+
+# ---- sharded checkpoints (--fsdp): torch.distributed.checkpoint ----------------------------------------
+
+def trained_parameter_names(model: nn.Module) -> list[str]:
+    """The parameters a sharded checkpoint holds: the trainable ones, each once. That is every weight in full
+    training (named_parameters lists the tied lm_head.weight once, as transformer.wte.weight) and only the
+    adapters under LoRA (the frozen base is --init-from's, rebuilt on resume as a plain LoRA run does)."""
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def _sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """One flat dict of this rank's shards (DTensors: nothing is gathered), keyed by fully qualified parameter
+    name, which is what lets a different number of ranks, or a different parameter order, load it:
+        model.<param>                      the trained weights (trained_parameter_names)
+        optimizer.state.<param>.<name>     AdamW's step, exp_avg, exp_avg_sq
+        optimizer.param_groups             [{lr, betas, weight_decay, ..., params: [<param>, ...]}, ...]: plain data
+    (torch's own flat layout, flatten_optimizer_state_dict, fails to load a param group without parameters,
+    which LoRA's optimizer has: no 1-D weight trains.)"""
+    msd, osd = get_state_dict(model, optimizer)
+    keep = trained_parameter_names(model)
+    missing = [k for k in keep if k not in msd]
+    if missing:
+        raise RuntimeError(f"the model's state dict lacks trained parameters {missing[:3]}")
+    flat = {f"model.{k}": msd[k] for k in keep}
+    for param, values in osd["state"].items():
+        for name, value in values.items():
+            flat[f"optimizer.state.{param}.{name}"] = value
+    flat["optimizer.param_groups"] = osd["param_groups"]
+    return flat
+
+
+def _model_state(flat: dict) -> dict:
+    return {k[len("model."):]: v for k, v in flat.items() if k.startswith("model.")}
+
+
+def _optimizer_state(flat: dict) -> dict:
+    """_sharded_state's optimizer entries as an optimizer state dict keyed by parameter name."""
+    state: dict = {}
+    for key, value in flat.items():
+        if key.startswith("optimizer.state."):
+            param, _, name = key[len("optimizer.state."):].rpartition(".")
+            state.setdefault(param, {})[name] = value
+    return {"state": state, "param_groups": flat["optimizer.param_groups"]}
+
+
+def save_sharded_checkpoint(out_dir: str, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
+                            master: bool) -> None:
+    """Collective: every rank calls it. Each rank writes its shards of the trained weights and AdamW state
+    into out_dir/sharded/ (no rank gathers the model); then rank 0 writes config.json and `state` (plain data:
+    step, data position, scheduler, RNGs; the optimizer is in sharded/) as training_state.pt, last, so a
+    directory whose state file exists holds a complete checkpoint. Rank 0 first removes the previous state
+    file and sharded/ (a save from more ranks leaves __{rank}_0.distcp files this one would not overwrite) and
+    the weight files of a plain save (from_pretrained(out_dir) must never find stale weights)."""
+    path = os.path.join(out_dir, SHARDED_DIR)
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+        stale = [STATE_FILE, SAFE_SINGLE, SAFE_INDEX, ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+        for name in os.listdir(out_dir):
+            if name in stale or SHARD_NAME.fullmatch(name):
+                os.remove(os.path.join(out_dir, name))
+        shutil.rmtree(path, ignore_errors=True)
+    torch.distributed.barrier()
+    dcp.save(_sharded_state(model, optimizer), checkpoint_id=path,
+             planner=DefaultSavePlanner(flatten_state_dict=False))  # keys as _sharded_state made them
+    if master:
+        model.config.save_pretrained(out_dir)
+        _write_state(out_dir, state)
+    torch.distributed.barrier()
+
+
+def load_sharded_checkpoint(out_dir: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Collective: load out_dir/sharded/ into a sharded model and its optimizer, whatever the number of ranks
+    that saved it: each rank reads the pieces that overlap its new shards. The model keeps its tie (values are
+    copied into the existing parameters); weights the checkpoint does not hold by design (the frozen base under
+    LoRA) are left as they are, while a trained weight the checkpoint lacks is an error."""
+    reader = _checked_reader(out_dir)
+    state = _sharded_state(model, optimizer)  # the targets: this rank's shards, read into in place
+    dcp.load(state, storage_reader=reader, planner=_SafeLoadPlanner(flatten_state_dict=False))
+    set_state_dict(model, optimizer, model_state_dict=_model_state(state), optim_state_dict=_optimizer_state(state),
+                   options=StateDictOptions(strict=False))
+
+
+def read_sharded_weights(out_dir: str, model: nn.Module) -> None:
+    """Load the weights of out_dir/sharded/ into a plain (unsharded, CPU) model of the same architecture, in
+    place, in this process alone: no process group, no optimizer state read. What export does."""
+    params = dict(model.named_parameters())
+    targets = {f"model.{k}": params[k].detach() for k in trained_parameter_names(model)}
+    reader = _checked_reader(out_dir)
+    with warnings.catch_warnings():  # DCP warns that no_dist loads in one process: that is the point here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(targets, storage_reader=reader, planner=_SafeLoadPlanner(flatten_state_dict=False), no_dist=True)
+
+
+def _checked_reader(out_dir: str) -> "_SafeReader":
+    """A reader of out_dir/sharded/ whose metadata has been read once already: a missing or refused file raises
+    its own error here, rather than inside dcp.load, which wraps it in a CheckpointException and retries a
+    per-rank metadata file that does not exist either."""
+    reader = _SafeReader(os.path.join(out_dir, SHARDED_DIR))
+    reader.read_metadata()
+    return reader
+
+
+def is_sharded_checkpoint(out_dir: str) -> bool:
+    return os.path.isfile(os.path.join(out_dir, SHARDED_DIR, ".metadata"))
+
+
+def sharded_checkpoint_keys(out_dir: str) -> list[str]:
+    """The entries of out_dir/sharded/ (model.<param>, optimizer.state.<param>.<name>, ...), from its metadata."""
+    return sorted(_checked_reader(out_dir).read_metadata().state_dict_metadata)
+
+
+# ---- reading DCP files without full pickle ------------------------------------------------------------------
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's .metadata (FileSystemWriter pickle.dump's a Metadata) as torch.load(weights_only=True)
+    would: a pickle can only build what it names (GLOBAL opcodes -> find_class), so naming only the classes a
+    Metadata is made of keeps any other function, the kind a payload calls, from being reached (the Python
+    docs' "Restricting Globals")."""
+    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"),  # a layout by name; weights_only allows it
+               ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("collections", "OrderedDict"),
+               ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
+               ("pathlib", "PureWindowsPath")}
+
+    def __init__(self, file, path: str):
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module == "torch.distributed.checkpoint.metadata":
+            obj = getattr(dcp_metadata, name, None)
+            if isinstance(obj, type):  # its dataclasses and enums
+                return obj
+        raise CheckpointError(f"refusing to load {self.path}: it asks for {module}.{name}, which DCP metadata never "
+                              "holds, and building it could run code from the file")
+
+
+class _SafeReader(FileSystemReader):
+    """FileSystemReader whose metadata is read by _MetadataUnpickler; tensors it reads with weights_only=True."""
+
+    def read_metadata(self, *args, **kwargs):
+        path = self._get_metadata_path(kwargs.get("rank"))
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no sharded checkpoint in {str(self.path)!r}: {os.path.basename(path)} is missing")
+        with open(path, "rb") as f:
+            metadata = _MetadataUnpickler(f, str(path)).load()
+        if not isinstance(metadata, dcp_metadata.Metadata):
+            raise CheckpointError(f"{path} holds a {type(metadata).__name__}, not DCP metadata")
+        if metadata.storage_meta is None:
+            metadata.storage_meta = dcp_metadata.StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _SafeLoadPlanner(DefaultLoadPlanner):
+    """DefaultLoadPlanner (use it with flatten_state_dict=False on a flat dict) whose non-tensor entries, the
+    optimizer's lr, betas, eps, ..., are loaded with weights_only=True; DCP's own uses weights_only=False.
+    They go into the caller's dict (original_state_dict): torch 2.13's own non-flattening branch writes them
+    into self.state_dict, a copy that _flatten_sharded_tensors made, where the caller never sees them (the
+    restored lr would silently be the fresh schedule's)."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        try:
+            self.original_state_dict[read_item.dest_index.fqn] = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            named = re.search(r"GLOBAL (\S+)", str(e))  # what the pickle asked to call (torch's advice is not passed on)
+            raise CheckpointError(f"refusing to load the entry {read_item.dest_index.fqn!r} of a sharded checkpoint: "
+                                  f"it holds pickled Python objects other than plain data"
+                                  + (f" (it asks for {named.group(1)})" if named else "")
+                                  + ", and building them could run code from the file") from None

@@ -1,4 +1,4 @@
-"""Training and fine-tuning: one `train(TrainConfig)` for from-scratch, full fine-tuning, LoRA, and DDP.
+"""Training and fine-tuning: one `train(TrainConfig)` for from-scratch, full fine-tuning, LoRA, DDP and FSDP.
 
 This file holds the options (TrainConfig; tools/train.py builds its command line from it, so every default is
 written once) and the loop, nanoGPT's train.py made resumable bit for bit, in named steps:
@@ -19,19 +19,22 @@ The pieces each live in a module of their own, one floor down:
                          CPU with native bf16 matmuls, AVX512-BF16/AMX; measured in docs/TRAINING.md)
   nanogpt2.checkpoint    out_dir/: an HF checkpoint (a PEFT adapter under LoRA) + training_state.pt (step, data
                          position, optimizer, scheduler, every RNG, as plain data loaded with weights_only=True):
-                         `--resume` ends on CPU with bitwise the weights of an uninterrupted run
+                         `--resume` ends on CPU with bitwise the weights of an uninterrupted run. With --fsdp a
+                         sharded checkpoint (torch.distributed.checkpoint) that resumes on any number of processes
   nanogpt2.distributed   under torchrun (RANK/WORLD_SIZE set): NCCL on GPU, gloo on CPU; rank r reads its own
-                         slice of each global batch; only rank 0 writes files
+                         slice of each global batch; DDP replicates the model, --fsdp shards it (FSDP2); only rank 0
+                         writes files, except a sharded checkpoint's shards
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import math
+import os
 import signal
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -39,23 +42,28 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from .checkpoint import export_checkpoint, load_training_state, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (export_checkpoint, is_sharded_checkpoint, load_sharded_checkpoint, load_training_state,
+                         read_sharded_weights, rng_state, save_checkpoint, save_sharded_checkpoint, set_rng_state)
 from .config import PRESETS, GPT2Config
 from .dtypes import DTYPES, FLAG_CHOICES
-from .data import SequenceSampler, Split, load_tokens, split_tokens, tokenize_file
-from .distributed import Dist, any_rank, data_parallel, gather_objects, init_distributed
+from .data import (SequenceSampler, Split, check_vocab, is_shard_folder, load_tokens, shard_splits, split_tokens,
+                   tokenize_file)
+from .distributed import Dist, any_rank, data_parallel, gather_objects, grad_sync, init_distributed, shard_model
 from .flags import dataclass_parser, flag
 from .lora import apply_lora, load_adapter
 from .loss import AUTOCAST_CHOICES, autocast_dtype, lm_loss
 from .model import GPT2LMHeadModel
 from .optim import build_optimizer, build_scheduler
+from .quantization import check_scheme
 
 # ---- options --------------------------------------------------------------------------------------
 
 @dataclass
 class TrainConfig:
     # ---- data -------------------------------------------------------------------------------------
-    data: str = flag("UTF-8 text file to train on (tokenized once with the GPT-2 tokenizer, cached)", default="")
+    data: str = flag("UTF-8 text file to train on (tokenized once with the GPT-2 tokenizer, cached), or a folder of "
+                     "token shards from tools/prepare_data.py (streamed from disk; it carries its own train/val "
+                     "split, so --val-fraction does not apply)", default="")
     val_fraction: float = flag("held-out validation split: this last fraction of the tokens", default=0.1)
     cache_dir: Optional[str] = flag("token cache directory (default: $XDG_CACHE_HOME or ~/.cache, /nanogpt2/tokens)",
                                    default=None)
@@ -78,6 +86,9 @@ class TrainConfig:
     lora_dropout: float = flag("dropout on the LoRA branch's input", default=0.0)
     lora_targets: str = flag("comma-separated projections to adapt: c_attn, c_proj, c_fc (or attn.c_proj, "
                             "mlp.c_proj)", default="c_attn")
+    quantize: Optional[str] = flag("int8 or int4: store the --init-from base as integers and train LoRA adapters on "
+                                   "it (QLoRA; needs --lora-r; nanogpt2/quantization.py)", default=None)
+    group_size: Optional[int] = flag("int4's group size: 32, 64, 128 (default 64)", default=None)
     # ---- optimisation -----------------------------------------------------------------------------
     max_steps: int = flag("optimizer steps to train for", default=1000)
     batch_size: int = flag("sequences per micro-batch, per process", default=8)
@@ -109,6 +120,12 @@ class TrainConfig:
     compile: bool = flag("torch.compile the model", default=False)
     grad_checkpointing: bool = flag("recompute each block's activations in backward (less memory, ~1/3 more "
                                    "compute)", default=False)
+    fsdp: bool = flag("shard weights, gradients and AdamW state over the processes (FSDP2, fully_shard per block) "
+                      "instead of replicating them (DDP); checkpoints become sharded (torch.distributed.checkpoint) "
+                      "and resume on any number of processes. Also runs in one process (a group of one)",
+                      default=False)
+    fsdp_offload: bool = flag("with --fsdp: keep the sharded weights, gradients and AdamW state in CPU memory (the "
+                              "optimizer steps on the CPU)", default=False)
     seed: int = flag("seed for init, data order and dropout", default=1337)
 
     def __post_init__(self):
@@ -132,12 +149,26 @@ class TrainConfig:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.quantize is not None:
+            check_scheme(self.quantize, self.group_size)
+            if self.lora_r == 0 or self.init_from == "scratch":
+                raise ValueError(f"--quantize {self.quantize} trains LoRA adapters on a pretrained base: it needs "
+                                 "--lora-r > 0 and --init-from a checkpoint (integer weights take no optimizer steps)")
+            if self.fsdp:
+                raise ValueError("--quantize with --fsdp is not supported: FSDP shards float parameters; the "
+                                 "integer base of QLoRA fits one device at 1/4 or 1/8 of fp32 anyway")
+        elif self.group_size is not None:
+            raise ValueError(f"--group-size {self.group_size} needs --quantize int4")
+        if self.fsdp_offload and not self.fsdp:
+            raise ValueError("--fsdp-offload offloads FSDP's shards: it needs --fsdp as well")
 
 
 # Options that fix the model, the data order or the batch: a resumed run must keep them.
+# --fsdp too: its checkpoints are sharded, the others not.
 RESUME_MUST_MATCH = ("init_from", "preset", "n_layer", "n_head", "n_embd", "n_positions", "vocab_size",
                      "block_size", "seed",
-                     "val_fraction", "lora_r", "lora_alpha", "lora_dropout", "lora_targets")
+                     "val_fraction", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "fsdp",
+                     "quantize", "group_size")
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
@@ -152,9 +183,10 @@ def parse_args(argv=None, prog: Optional[str] = None) -> TrainConfig:
 def check_resume_matches(cfg: TrainConfig, state: dict, world_size: int) -> None:
     """Refuse to --resume a run with options that change the model, the data order or the global batch:
     the ValueError lists each such option's saved value and the new one."""
-    saved = state["config"]
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    saved = {**defaults, **state["config"]}  # an option newer than the run had its default then
     diff = [f"--{k.replace('_', '-')} {saved[k]!r} (now {getattr(cfg, k)!r})" for k in RESUME_MUST_MATCH
-            if saved.get(k) != getattr(cfg, k)]
+            if saved[k] != getattr(cfg, k)]
     saved_batch = saved["batch_size"] * saved["grad_accum"] * state.get("world_size", 1)
     batch = cfg.batch_size * cfg.grad_accum * world_size
     if saved_batch != batch:
@@ -178,7 +210,8 @@ def build_model(cfg: TrainConfig) -> GPT2LMHeadModel:
                                    attn_pdrop=p)
         model = GPT2LMHeadModel(config)
     else:
-        model = GPT2LMHeadModel.from_pretrained(cfg.init_from, dtype=torch.float32)
+        model = GPT2LMHeadModel.from_pretrained(cfg.init_from, dtype=torch.float32, quantize=cfg.quantize,
+                                                group_size=cfg.group_size)
         if cfg.dropout is not None:
             model.config.resid_pdrop = model.config.embd_pdrop = model.config.attn_pdrop = cfg.dropout
             for m in model.modules():
@@ -195,7 +228,11 @@ def build_model(cfg: TrainConfig) -> GPT2LMHeadModel:
 
 def load_model(cfg: TrainConfig, resuming: bool) -> GPT2LMHeadModel:
     """build_model(cfg), or on --resume the saved model: full training reloads the saved fp32 weights (and
-    config, dropout included); LoRA rebuilds the same frozen base and loads the saved adapters into it."""
+    config, dropout included); LoRA rebuilds the same frozen base and loads the saved adapters into it.
+    A sharded (--fsdp) run resumes into model_skeleton on the meta device: its weights arrive after sharding,
+    each rank reading only its shard (setup -> restore)."""
+    if resuming and cfg.fsdp:
+        return model_skeleton(cfg, cfg.out_dir, device="meta")
     if resuming and cfg.lora_r == 0:
         model = GPT2LMHeadModel.from_pretrained(cfg.out_dir, dtype=torch.float32).train()
         model.set_attn_implementation(cfg.attn_implementation)
@@ -206,22 +243,58 @@ def load_model(cfg: TrainConfig, resuming: bool) -> GPT2LMHeadModel:
     return model
 
 
+def model_skeleton(cfg: TrainConfig, out_dir: str, device: str = "cpu") -> GPT2LMHeadModel:
+    """The model a sharded checkpoint of the run `cfg` in `out_dir` loads into. Full training: the saved
+    architecture (out_dir/config.json, dropout included), its weights uninitialised (on "meta": not even
+    allocated); the checkpoint holds every weight. LoRA: build_model(cfg), the frozen --init-from base with
+    adapters; the checkpoint holds the adapters."""
+    if cfg.lora_r > 0:
+        return build_model(cfg)
+    with torch.device(device):
+        model = GPT2LMHeadModel(GPT2Config.from_json_file(os.path.join(out_dir, "config.json")), init=False)
+    model.set_attn_implementation(cfg.attn_implementation)
+    return model.train()
+
+
+def saved_config(state: dict) -> TrainConfig:
+    """The TrainConfig a run was saved with (training_state.pt's "config"); options it predates get defaults."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in state["config"].items() if k in names})
+
+
+def export_sharded(out_dir: str, export_dir: str, dtype: str = "float32") -> None:
+    """A sharded (--fsdp) checkpoint in out_dir -> a plain HF checkpoint in export_dir (LoRA merged, cast to
+    `dtype`), in this process alone: one model's worth of CPU memory, no process group (tools/export_hf.py)."""
+    if not is_sharded_checkpoint(out_dir):
+        raise FileNotFoundError(f"{out_dir!r} holds no sharded checkpoint (sharded/.metadata): only --fsdp runs "
+                                "write one; a run without --fsdp saves a Hugging Face checkpoint already")
+    cfg = saved_config(load_training_state(out_dir))
+    model = model_skeleton(cfg, out_dir)
+    read_sharded_weights(out_dir, model)
+    export_checkpoint(model, export_dir, dtype)
+
+
 def tokenized_data(cfg: TrainConfig, dist: Dist) -> str:
-    """The token file of cfg.data: rank 0 tokenizes it (once; cached), the other ranks wait, then find it."""
+    """The tokens of cfg.data: a shard folder (tools/prepare_data.py) as it is; a text file's cached token file,
+    which rank 0 tokenizes (once; cached) while the other ranks wait, then find it."""
+    if is_shard_folder(cfg.data):
+        return cfg.data
     path = tokenize_file(cfg.data, cfg.cache_dir, verbose=True) if dist.master else None
     dist.barrier()
     return path or tokenize_file(cfg.data, cfg.cache_dir, verbose=False)
 
 
 def load_splits(cfg: TrainConfig, token_file: str, vocab_size: int, block_size: int) -> tuple[Split, Split]:
-    """(train, val) splits of the tokens, each id checked to fit the model's vocabulary."""
+    """(train, val) splits of the tokens, each id checked to fit the model's vocabulary: a token file's last
+    --val-fraction is held out; a shard folder brings the split prepare_data made, streamed from its shards.
+    Too few tokens for one sequence is a ValueError naming the data and what to change."""
+    if is_shard_folder(token_file):
+        train, val = shard_splits(token_file, block_size)
+        check_vocab(cfg.data, vocab_size, train.tokens, val.tokens)
+        return train, val
     tokens = load_tokens(token_file)
-    if vocab_size < 50257 and len(tokens) > 0:  # GPT-2 ids reach 50256: make sure this data's all fit
-        top = max(int(tokens[s: s + (1 << 24)].max()) for s in range(0, len(tokens), 1 << 24))
-        if top >= vocab_size:
-            raise ValueError(f"{cfg.data} has token id {top}, out of range for vocab_size {vocab_size}; "
-                             f"use the GPT-2 vocabulary (50257) for this data")
-    return split_tokens(tokens, cfg.val_fraction, block_size, source=cfg.data)  # too few tokens: a ValueError
+    check_vocab(cfg.data, vocab_size, tokens)
+    return split_tokens(tokens, cfg.val_fraction, block_size, source=cfg.data)
 
 
 @dataclass
@@ -230,7 +303,7 @@ class Run:
     cfg: TrainConfig
     dist: Dist
     device: torch.device
-    model: GPT2LMHeadModel          # the weights: what is clipped, saved and exported
+    model: GPT2LMHeadModel          # the weights: what is clipped, saved and exported (sharded in place by --fsdp)
     net: nn.Module                  # what runs forward: `model`, compiled and/or wrapped in DDP
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -252,29 +325,34 @@ def setup(cfg: TrainConfig) -> Run:
     """Everything the loop needs, in an order that keeps runs reproducible: the model is built from seeded
     RNGs; then either the saved state (optimizer, schedule, step, data position, RNGs) is restored, or torch
     is seeded per rank for dropout."""
-    dist, device = init_distributed(cfg.device)
+    dist, device = init_distributed(cfg.device, need_group=cfg.fsdp)
     token_file = tokenized_data(cfg, dist)
     state = load_training_state(cfg.out_dir) if cfg.resume else None
     if state is not None:
         check_resume_matches(cfg, state, dist.world_size)
-    model = load_model(cfg, resuming=state is not None).to(device)
+    amp = autocast_dtype(cfg.dtype, device)
+    model = load_model(cfg, resuming=state is not None)
     model.transformer.gradient_checkpointing = cfg.grad_checkpointing
     block_size = cfg.block_size or model.config.n_positions
     if block_size > model.config.n_positions:
         raise ValueError(f"--block-size {block_size} exceeds the model's n_positions {model.config.n_positions}")
     train_split, val_split = load_splits(cfg, token_file, model.config.vocab_size, block_size)
 
-    optimizer = build_optimizer(model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay, device)
+    # --fsdp: bf16 autocast also gathers and computes with bf16 weights (MixedPrecisionPolicy); shards stay fp32
+    model = shard_model(model, device, amp, cfg.fsdp_offload) if cfg.fsdp else model.to(device)
+    optimizer = build_optimizer(model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay,
+                                torch.device("cpu") if cfg.fsdp_offload else device)  # where its parameters are
     scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.lr_decay_steps or cfg.max_steps, cfg.min_lr_ratio)
     run = Run(cfg, dist, device, model, net=model, optimizer=optimizer, scheduler=scheduler,
               train_sampler=SequenceSampler(train_split, cfg.seed),
               val_sampler=SequenceSampler(val_split, cfg.seed, shuffle=False) if val_split.num_sequences else None,
-              amp=autocast_dtype(cfg.dtype, device), block_size=block_size, resumed=state is not None)
+              amp=amp, block_size=block_size, resumed=state is not None)
     if state is not None:
         restore(run, state)
     else:
         torch.manual_seed(cfg.seed + dist.rank)  # same init everywhere, different dropout masks per rank
-    run.net = data_parallel(torch.compile(model) if cfg.compile else model, dist, device)
+    net = torch.compile(model) if cfg.compile else model
+    run.net = net if cfg.fsdp else data_parallel(net, dist, device)  # FSDP syncs gradients itself
     return run
 
 
@@ -288,7 +366,17 @@ def describe(run: Run) -> str:
             f"{len(run.val_sampler.split.tokens) if run.val_sampler else 0:,} val tokens; "
             f"batch {cfg.batch_size}x{cfg.grad_accum}x{run.dist.world_size} sequences of {run.block_size} = "
             f"{run.tokens_per_step:,} tokens/step; device {run.device}, {'bf16 autocast' if run.amp else 'fp32'}"
+            + parallelism(run)
             + (f"; resuming at step {run.step}" if run.resumed else ""))
+
+
+def parallelism(run: Run) -> str:
+    """describe()'s words for how the model is spread over the processes ("" for one process, no --fsdp)."""
+    if run.cfg.fsdp:
+        return (f"; FSDP over {run.dist.world_size} process(es)"
+                + (", bf16 weights in compute, fp32 gradient reduction" if run.amp else "")
+                + (", shards offloaded to CPU" if run.cfg.fsdp_offload else ""))
+    return f"; DDP over {run.dist.world_size} processes" if run.dist.enabled else ""
 
 
 # ---- one optimisation step, evaluation ----------------------------------------------------------
@@ -296,16 +384,17 @@ def describe(run: Run) -> str:
 def train_step(run: Run) -> torch.Tensor:
     """One optimizer step: grad_accum (A) micro-batches of batch_size (B) sequences per rank, where rank r of
     W reads sequences [r*B, (r+1)*B) of each global micro-batch of B*W; gradients accumulate over the
-    micro-batches (DDP averages them over ranks on the last one only); the global grad norm is clipped; AdamW
-    and the schedule step. Returns this rank's loss for the step (0-d, on the device, detached)."""
+    micro-batches (DDP averages them over ranks on the last one only; FSDP reduce-scatters each, see
+    distributed.grad_sync); the global grad norm is clipped (over DTensor shards under FSDP: the norm of the
+    whole gradient); AdamW and the schedule step. Returns this rank's loss for the step (0-d, on the device,
+    detached)."""
     cfg, dist = run.cfg, run.dist
     B, A, W = cfg.batch_size, cfg.grad_accum, dist.world_size
     step_loss = torch.zeros((), device=run.device)
     for micro in range(A):
         x, y = run.train_sampler.batch(run.seen + micro * B * W + dist.rank * B, B)  # (B, T) each
         x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
-        sync = run.net.no_sync() if dist.enabled and micro < A - 1 else nullcontext()
-        with sync:  # DDP all-reduces gradients only on the last micro-batch
+        with grad_sync(run.net, last_micro_batch=micro == A - 1):  # DDP all-reduces on the last one only
             loss = lm_loss(run.net, x, y, run.amp) / A
             loss.backward()
         step_loss += loss.detach()
@@ -345,20 +434,28 @@ def evaluate(run: Run) -> float:
 def save(run: Run, metrics: dict) -> None:
     """A checkpoint of the run as it stands (nanogpt2.checkpoint writes it): rank 0 writes the weights and
     training_state.pt, holding every rank's RNG states; all ranks wait until it is complete. The state is
-    plain data (tensors, numbers, strings, lists, dicts) so that --resume can load it with weights_only=True."""
+    plain data (tensors, numbers, strings, lists, dicts) so that --resume can load it with weights_only=True.
+    --fsdp: every rank writes its shards of the weights and optimizer state (sharded/), rank 0 the rest."""
     rngs = gather_objects(rng_state(), run.dist)  # one per rank: each rank's dropout masks continue
+    state = {"step": run.step, "sequences_seen": run.seen, "scheduler": run.scheduler.state_dict(), "rng": rngs,
+             "world_size": run.dist.world_size, "config": dataclasses.asdict(run.cfg), "metrics": metrics}
+    if run.cfg.fsdp:
+        save_sharded_checkpoint(run.cfg.out_dir, run.model, run.optimizer, state, run.dist.master)
+        return
     if run.dist.master:
-        state = {"step": run.step, "sequences_seen": run.seen, "optimizer": run.optimizer.state_dict(),
-                 "scheduler": run.scheduler.state_dict(), "rng": rngs, "world_size": run.dist.world_size,
-                 "config": dataclasses.asdict(run.cfg), "metrics": metrics}
+        state["optimizer"] = run.optimizer.state_dict()
         save_checkpoint(run.cfg.out_dir, run.model, state, adapter_base=run.cfg.init_from)
     run.dist.barrier()
 
 
 def restore(run: Run, state: dict) -> None:
-    """Continue from a saved state: optimizer, schedule, step, data position and this rank's RNG states (a run
-    saved by one process hands its states to every rank)."""
-    run.optimizer.load_state_dict(state["optimizer"])
+    """Continue from a saved state: weights and optimizer (sharded: read shard by shard, on any number of
+    ranks), schedule, step, data position and this rank's RNG states (a run saved by one process, or by a
+    different number of them, hands rank 0's states to every rank)."""
+    if run.cfg.fsdp:
+        load_sharded_checkpoint(run.cfg.out_dir, run.model, run.optimizer)
+    else:
+        run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.step, run.seen = state["step"], state["sequences_seen"]
     rngs = state["rng"]
@@ -366,10 +463,15 @@ def restore(run: Run, state: dict) -> None:
 
 
 def finish(run: Run, interrupted: bool) -> None:
-    """--export-dir: a plain HF checkpoint, LoRA merged, cast to --export-dtype (not after Ctrl-C)."""
+    """--export-dir: a plain HF checkpoint, LoRA merged, cast to --export-dtype (not after Ctrl-C). --fsdp:
+    rank 0 converts the sharded checkpoint just saved (the last step always saves), as tools/export_hf.py does,
+    rather than gathering the model through the process group."""
     cfg = run.cfg
     if not interrupted and cfg.export_dir and run.dist.master:  # last: it merges and casts the model in place
-        export_checkpoint(run.model, cfg.export_dir, cfg.export_dtype)
+        if cfg.fsdp:
+            export_sharded(cfg.out_dir, cfg.export_dir, cfg.export_dtype)
+        else:
+            export_checkpoint(run.model, cfg.export_dir, cfg.export_dtype)
         print(f"exported a {cfg.export_dtype} checkpoint to {cfg.export_dir}")
     run.dist.barrier()
 

@@ -36,6 +36,17 @@ def test_quick_mode_runs(script, tmp_path):
         assert len(rows) >= 2, f"{script} wrote no CSV rows"
 
 
+def test_train_step_fsdp_quick_runs(tmp_path):
+    """--fsdp: DDP, FSDP and FSDP + offload each in 2 forked gloo processes, one table row per mode."""
+    csv = tmp_path / "fsdp.csv"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, os.path.join("benchmarks", "train_step.py"), "--fsdp", "--quick", "--csv",
+                        str(csv)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"train_step.py --fsdp --quick failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    rows = csv.read_text().strip().splitlines()
+    assert [row.split(",")[0] for row in rows[1:]] == ["ddp", "fsdp", "fsdp+offload"], rows
+
+
 def test_decode_bfloat16_quick_runs_its_near_tie_check():
     """bfloat16 decoding checks tokens against a float32 judge (rounding parts the sequences); it must pass."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")

@@ -3,6 +3,7 @@
     python tools/train.py --data input.txt --n-layer 4 --n-head 4 --n-embd 64 --block-size 256
     python tools/train.py --data input.txt --init-from gpt2 --lora-r 8 --max-steps 500
     torchrun --nproc_per_node=2 tools/train.py --data input.txt ...     # DistributedDataParallel
+    torchrun --nproc_per_node=8 tools/train.py ... --fsdp               # sharded (FSDP2); docs/TRAINING.md, Scaling
     python tools/train.py ... --resume                                  # continue the run in --out-dir
 
 Every flag is a field of nanogpt2.train.TrainConfig (its defaults are there, once); the loop is
