@@ -39,7 +39,7 @@ class EvalConfig:
     cache_dir: Optional[str] = flag("token cache directory (see tools/train.py)", default=None)
     quantize: Optional[str] = flag("int8 or int4: quantize the weights while loading (nanogpt2.quantization); "
                                    "default: off", default=None)
-    group_size: Optional[int] = flag("int4's group size: 32, 64, 128, 256 (default 64)", default=None)
+    group_size: Optional[int] = flag("int4's group size: 32, 64, 128 (default 64)", default=None)
 
 
 def main(argv=None) -> float:
