@@ -46,7 +46,7 @@ def main():
     print(load_line(), flush=True)
     pd = load_tool()
     enc = pd.get_tokenizer()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = pd.available_cpus()
     workers = sorted({1, cores})
     tmp = tempfile.mkdtemp(prefix="nanogpt2-prepare-bench-")
     try:
@@ -64,10 +64,8 @@ def main():
             for u in units["train"] + units["val"]:
                 for piece in u.pieces:
                     with open(piece.path, "rb") as f:
-                        start = pd.next_cut(f, piece.start, piece.limit, "text") if piece.snap_start else piece.start
-                        stop = pd.next_cut(f, piece.stop, piece.limit, "text") if piece.snap_stop else piece.stop
-                        f.seek(start)
-                        pieces.append(f.read(max(0, stop - start)).decode("utf-8"))
+                        f.seek(piece.start)
+                        pieces.append(f.read(piece.stop - piece.start).decode("utf-8"))
             whole = "".join(pieces)
             runs = iter(range(10**6))
 

@@ -34,6 +34,7 @@ import socket
 import statistics
 import time
 from contextlib import nullcontext
+from queue import Empty
 
 import torch
 
@@ -139,6 +140,7 @@ def main():
 # ---- --fsdp: DDP vs FSDP vs FSDP + offload, one set of fresh processes per mode -------------------------------
 
 MODES = ("ddp", "fsdp", "fsdp+offload")
+RANK_TIMEOUT_S = 3600   # one mode's processes, start to figures
 # (B, T) per rank when --shapes is not given: small T on CPU keeps activations from hiding the sharded state
 FSDP_SHAPES = {"quick": (1, 32), "cpu": (1, 128), "gpu": (8, 1024)}
 
@@ -171,7 +173,7 @@ def fsdp_worker(rank: int, world: int, port: int, mode: str, config: dict, shape
     if mmap_threshold is not None:  # M_MMAP_THRESHOLD = -3; a fixed value also stops glibc raising it
         if ctypes.CDLL("libc.so.6").mallopt(-3, mmap_threshold) != 1:
             raise SystemExit(f"mallopt(M_MMAP_THRESHOLD, {mmap_threshold}) failed")
-    dist, dev = init_distributed(device)
+    dist, dev = init_distributed(device, need_group=True)  # --nproc 1 too: fully_shard and barrier need a group
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(**config)).train()
     offload = mode == "fsdp+offload"
@@ -216,16 +218,28 @@ def run_mode(mode: str, args, config: dict, shape: tuple, steps: int) -> list:
              for r in range(args.nproc)]
     for p in procs:
         p.start()
-    try:
-        figures = queue.get(timeout=3600)
-    except Exception:
-        figures = None
+    figures, waited = None, 0.0
+    while figures is None and waited < RANK_TIMEOUT_S:   # poll, so a rank that dies is noticed at once
+        try:
+            figures = queue.get(timeout=1.0)
+        except Empty:
+            waited += 1.0
+            if any(p.exitcode not in (None, 0) for p in procs):
+                break
+    timed_out = figures is None and waited >= RANK_TIMEOUT_S
     for p in procs:
+        if figures is None and p.is_alive():
+            p.terminate()      # a rank died or time ran out: the others would wait for it in a collective
         p.join(timeout=60)
         if p.is_alive():
             p.terminate()
-    if figures is None or any(p.exitcode != 0 for p in procs):
-        raise SystemExit(f"--fsdp mode {mode}: a rank failed (exit codes {[p.exitcode for p in procs]})")
+            p.join()
+    codes = [p.exitcode for p in procs]
+    if figures is None or any(c != 0 for c in codes):
+        why = (f"no figures from rank 0 within {RANK_TIMEOUT_S} s" if timed_out
+               else "the failing rank's traceback is printed above")
+        raise SystemExit(f"--fsdp mode {mode}: a rank failed (exit codes {codes}; -N: killed by signal N, -9 often "
+                         f"out of memory, -15 stopped by this script): {why}")
     return figures
 
 

@@ -31,6 +31,8 @@ from typing import Iterator, Optional, Union
 
 import torch
 
+from .quantization import float_weight
+
 # TransformerLens's shorthand (utils.get_act_name) -> this model's block point, for cache[short, layer].
 # The block points' own names work as shorthand too: cache["attn.z", 3] is cache["h.3.attn.z"]. (This module
 # sits below hooks.py, which makes the caches, so it learns the point names from the model, not by import.)
@@ -161,7 +163,7 @@ class ActivationCache(MutableMapping):
         input_ids, inputs_embeds, token_type_ids = self._token_inputs
         if input_ids is None and inputs_embeds is None:
             return [embed], ["embed"]
-        wte = self._wte.weight
+        wte = float_weight(self._wte)                                   # dequantized if quantized
         tok = inputs_embeds if input_ids is None else wte[input_ids.to(wte.device)]
         if token_type_ids is not None:   # GPT-2 reuses wte for segments (model.py): a token-side term
             tok = tok + wte[token_type_ids.to(wte.device)]
@@ -204,7 +206,7 @@ class ActivationCache(MutableMapping):
 
     def _head_results(self, layer: int, pos_slice: PosSlice) -> tuple[list[torch.Tensor], list[str]]:
         z = _take(self[f"h.{layer}.attn.z"], pos_slice, dim=-3)          # (B, T, H, D) or (B, H, D)
-        W = self._blocks[layer].attn.c_proj.weight                       # (C, H*D): nn.Linear is [out, in]
+        W = float_weight(self._blocks[layer].attn.c_proj)                # (C, H*D): nn.Linear is [out, in]
         W = W.to(z.device, z.dtype).view(W.shape[0], self.n_head, -1)    # (C, H, D): head h's columns
         # head h's write = z[..., h, :] @ W[:, h, :]^T, i.e. c_proj applied to z with the other heads zeroed
         out = torch.einsum("...hd,chd->h...c", z, W)                     # (H, B, T, C)
@@ -279,7 +281,7 @@ class ActivationCache(MutableMapping):
         if head is None:
             raise TypeError(f"logit_attrs needs a GPT2LMHeadModel (it reads lm_head), got {type(self.model).__name__}")
         x = self._resid(self.n_layer, pos_slice)   # (B, T, C) or (B, C): what tokens must line up with
-        W_U = head.weight
+        W_U = float_weight(head)
         direction = self._unembed_rows(W_U, tokens, x.shape[:-1], "tokens")
         if incorrect_tokens is not None:
             direction = direction - self._unembed_rows(W_U, incorrect_tokens, x.shape[:-1], "incorrect_tokens")

@@ -40,18 +40,22 @@ import torch
 import torch.distributed
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
-from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner, FileSystemReader
+from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, DefaultSavePlanner, FileSystemReader
 from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, has_lora, merge_lora, save_adapter
 from .dtypes import dtype_from_name
-from .files import SAFE_INDEX, SAFE_SINGLE, CheckpointError
+from .files import SAFE_INDEX, SAFE_SINGLE, TORCH_BIN, CheckpointError
 from .quantization import dequantize, is_quantized
+from .shards import AtomicFile
 from .weights import SHARD_NAME, load_plain_data
 
 STATE_FILE = "training_state.pt"
 SHARDED_DIR = "sharded"   # --fsdp: the torch.distributed.checkpoint folder inside out_dir
+# what a plain (non-sharded) save leaves in out_dir, besides config.json and model-0000k-of-0000n.safetensors
+# shards (weights.SHARD_NAME): a sharded save deletes them, so no loader ever finds another step's weights
+PLAIN_FILES = (STATE_FILE, SAFE_SINGLE, SAFE_INDEX, TORCH_BIN, ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 
 
 # ---- RNG states as plain data ---------------------------------------------------------------------
@@ -91,6 +95,22 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def restore_rng_state(saved: list, rank: int, world_size: int, seed: int, step: int) -> None:
+    """Continue this rank's random streams from a checkpoint's `saved` states (one per rank that saved it).
+    Resumed on as many processes as saved it, rank r takes saved[r], and the run continues bitwise. On a
+    different number, rank r's saved stream may not exist, and handing one stream to several ranks would give
+    them identical dropout masks; so each rank is seeded afresh from (seed, step, rank) instead: deterministic,
+    different on every rank, and a different (equally valid) sample from an uninterrupted run's."""
+    if len(saved) == world_size:
+        set_rng_state(saved[rank])
+        return
+    entropy = np.random.SeedSequence([seed, step, rank])   # mixes the three into independent-looking seeds
+    torch_seed, numpy_seed, python_seed = (int(v) for v in entropy.generate_state(3))
+    torch.manual_seed(torch_seed)                           # CPU and every CUDA device
+    np.random.seed(numpy_seed)
+    random.seed(python_seed)
+
+
 # ---- saving and loading -------------------------------------------------------------------------
 
 def save_checkpoint(out_dir: str, model: nn.Module, state: dict, adapter_base: str) -> None:
@@ -102,7 +122,7 @@ def save_checkpoint(out_dir: str, model: nn.Module, state: dict, adapter_base: s
     os.makedirs(out_dir, exist_ok=True)
     if os.path.exists(os.path.join(out_dir, STATE_FILE)):
         os.remove(os.path.join(out_dir, STATE_FILE))
-    shutil.rmtree(os.path.join(out_dir, SHARDED_DIR), ignore_errors=True)  # an earlier --fsdp run's weights
+    _remove_tree(os.path.join(out_dir, SHARDED_DIR))  # an earlier --fsdp run's weights
     if has_lora(model):
         save_adapter(model, out_dir, base_model_name_or_path=adapter_base)
     else:
@@ -111,10 +131,16 @@ def save_checkpoint(out_dir: str, model: nn.Module, state: dict, adapter_base: s
 
 
 def _write_state(out_dir: str, state: dict) -> None:
-    """training_state.pt, through a rename: it appears complete or not at all."""
-    tmp = os.path.join(out_dir, STATE_FILE + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, os.path.join(out_dir, STATE_FILE))
+    """training_state.pt, through a rename (AtomicFile): it appears complete or not at all."""
+    with AtomicFile(os.path.join(out_dir, STATE_FILE)) as f:
+        torch.save(state, f)
+
+
+def _remove_tree(path: str) -> None:
+    """Delete a folder of stale files, if there is one. A removal that fails raises (OSError names the file):
+    a stale sharded/ left behind would be read by a later --resume or export as if it were this run's."""
+    if os.path.isdir(path):
+        shutil.rmtree(path)
 
 
 def load_training_state(out_dir: str) -> dict:
@@ -198,11 +224,10 @@ def save_sharded_checkpoint(out_dir: str, model: nn.Module, optimizer: torch.opt
     path = os.path.join(out_dir, SHARDED_DIR)
     if master:
         os.makedirs(out_dir, exist_ok=True)
-        stale = [STATE_FILE, SAFE_SINGLE, SAFE_INDEX, ADAPTER_CONFIG, ADAPTER_WEIGHTS]
         for name in os.listdir(out_dir):
-            if name in stale or SHARD_NAME.fullmatch(name):
+            if name in PLAIN_FILES or SHARD_NAME.fullmatch(name):
                 os.remove(os.path.join(out_dir, name))
-        shutil.rmtree(path, ignore_errors=True)
+        _remove_tree(path)
     torch.distributed.barrier()
     dcp.save(_sharded_state(model, optimizer), checkpoint_id=path,
              planner=DefaultSavePlanner(flatten_state_dict=False))  # keys as _sharded_state made them
@@ -219,7 +244,7 @@ def load_sharded_checkpoint(out_dir: str, model: nn.Module, optimizer: torch.opt
     LoRA) are left as they are, while a trained weight the checkpoint lacks is an error."""
     reader = _checked_reader(out_dir)
     state = _sharded_state(model, optimizer)  # the targets: this rank's shards, read into in place
-    dcp.load(state, storage_reader=reader, planner=_SafeLoadPlanner(flatten_state_dict=False))
+    _load(state, reader)
     set_state_dict(model, optimizer, model_state_dict=_model_state(state), optim_state_dict=_optimizer_state(state),
                    options=StateDictOptions(strict=False))
 
@@ -232,13 +257,31 @@ def read_sharded_weights(out_dir: str, model: nn.Module) -> None:
     reader = _checked_reader(out_dir)
     with warnings.catch_warnings():  # DCP warns that no_dist loads in one process: that is the point here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(targets, storage_reader=reader, planner=_SafeLoadPlanner(flatten_state_dict=False), no_dist=True)
+        _load(targets, reader, no_dist=True)
+
+
+def _load(targets: dict, reader: "_SafeReader", **kw) -> None:
+    """dcp.load through _SafeLoadPlanner, its failures as a CheckpointError naming the folder. dcp.load wraps
+    whatever goes wrong on any rank (a missing or truncated __{rank}_0.distcp, a key the checkpoint lacks,
+    _SafeLoadPlanner's refusal) in a CheckpointException, which derives from BaseException: `except Exception`
+    would let it through as a traceback. The first rank's error is raised instead, ours as it is."""
+    try:
+        dcp.load(targets, storage_reader=reader, planner=_SafeLoadPlanner(flatten_state_dict=False), **kw)
+    except CheckpointException as e:
+        rank, (error, _) = min(e.failures.items(), key=lambda item: item[0])
+        if isinstance(error, CheckpointError):
+            raise error from None
+        where = f" (rank {rank})" if rank else ""
+        what = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        if isinstance(error, EOFError):
+            what += " (a .distcp file ends early: truncated, or copied while it was being written)"
+        raise CheckpointError(f"cannot read the sharded checkpoint in {str(reader.path)!r}{where}: {what}") from None
 
 
 def _checked_reader(out_dir: str) -> "_SafeReader":
-    """A reader of out_dir/sharded/ whose metadata has been read once already: a missing or refused file raises
-    its own error here, rather than inside dcp.load, which wraps it in a CheckpointException and retries a
-    per-rank metadata file that does not exist either."""
+    """A reader of out_dir/sharded/ whose metadata has been read once already: a missing or refused .metadata
+    raises its own error here, rather than inside dcp.load, which retries a per-rank metadata file that does not
+    exist either and reports that."""
     reader = _SafeReader(os.path.join(out_dir, SHARDED_DIR))
     reader.read_metadata()
     return reader
@@ -256,10 +299,15 @@ def sharded_checkpoint_keys(out_dir: str) -> list[str]:
 # ---- reading DCP files without full pickle ------------------------------------------------------------------
 
 class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP's .metadata (FileSystemWriter pickle.dump's a Metadata) as torch.load(weights_only=True)
-    would: a pickle can only build what it names (GLOBAL opcodes -> find_class), so naming only the classes a
-    Metadata is made of keeps any other function, the kind a payload calls, from being reached (the Python
-    docs' "Restricting Globals")."""
+    """Unpickles DCP's .metadata (FileSystemWriter pickle.dump's a Metadata) with an allowlist, in the spirit of
+    torch.load(weights_only=True): a pickle can only build what it names (GLOBAL opcodes -> find_class), so
+    answering only for the classes a Metadata is made of keeps any other function, the kind a payload calls,
+    from being reached (the Python docs' "Restricting Globals"). Allowed: the classes *defined* in
+    torch.distributed.checkpoint.metadata (its dataclasses Metadata, TensorStorageMetadata, ChunkStorageMetadata,
+    ..., and the enum _MEM_FORMAT_ENCODING; not the names it imports, such as Enum or Any), filesystem's
+    _StorageInfo, torch.Size, torch dtypes, layouts by name, OrderedDict and the pathlib paths.
+    (torch's own restricted unpickler, torch._weights_only_unpickler, would be the better tool, but torch 2.13's
+    does not read pickle protocol 4's FRAME opcode, which .metadata uses: "Unsupported operand 149".)"""
     ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"),  # a layout by name; weights_only allows it
                ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("collections", "OrderedDict"),
                ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
@@ -274,9 +322,9 @@ class _MetadataUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-        if module == "torch.distributed.checkpoint.metadata":
+        if module == dcp_metadata.__name__:
             obj = getattr(dcp_metadata, name, None)
-            if isinstance(obj, type):  # its dataclasses and enums
+            if isinstance(obj, type) and obj.__module__ == dcp_metadata.__name__:  # defined there, not imported
                 return obj
         raise CheckpointError(f"refusing to load {self.path}: it asks for {module}.{name}, which DCP metadata never "
                               "holds, and building it could run code from the file")

@@ -34,10 +34,9 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from .shards import ShardedTokens, is_shard_folder, open_shard_folder
+from .shards import TOKEN_DTYPE, AtomicFile, ShardedTokens, is_shard_folder, open_shard_folder
 from .tokenizer import get_tokenizer
 
-TOKEN_DTYPE = np.uint16          # GPT-2's 50257 ids fit in 16 bits: half the disk of int32
 CHUNK_CHARS = 1 << 22            # characters read (and tokenized) at a time: ~4 MB of text
 # A safe place to cut text for BPE: a single "\n" with non-whitespace on both sides. GPT-2's pre-tokenizer
 # regex never joins such a newline to a neighbour (`\s+(?!\S)` and `\s` both end at it, no letter/number/
@@ -98,20 +97,15 @@ def tokenize_file(text_file: str, cache_dir: Optional[str] = None, chunk_chars: 
         return out
     os.makedirs(os.path.dirname(out), exist_ok=True)
     enc = get_tokenizer()
-    tmp = f"{out}.tmp{os.getpid()}"
     n = 0
     try:
-        with open(text_file, encoding="utf-8") as f, open(tmp, "wb") as w:
+        with open(text_file, encoding="utf-8") as f, AtomicFile(out) as w:
             for piece in _text_chunks(f, chunk_chars):
                 ids = np.asarray(enc.encode_ordinary(piece), dtype=TOKEN_DTYPE)
                 ids.tofile(w)
                 n += len(ids)
-        os.replace(tmp, out)
     except UnicodeDecodeError as e:
         raise ValueError(f"{text_file} is not UTF-8 text: {e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     if verbose:
         print(f"tokenized {text_file}: {n:,} tokens -> {out}")
     return out

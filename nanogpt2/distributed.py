@@ -60,7 +60,9 @@ def init_distributed(device: str, need_group: bool = False) -> tuple[Dist, torch
         torch.cuda.set_device(dev)
     if (d.enabled or need_group) and not torch.distributed.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        if d.enabled or "MASTER_ADDR" in os.environ:  # torchrun (even --nproc_per_node 1): its rendezvous
+        # torchrun (even --nproc_per_node 1) sets RANK: its rendezvous (env://). MASTER_ADDR alone is no sign of
+        # it (a shell may export it for other jobs), and env:// would then fail for want of RANK and WORLD_SIZE.
+        if d.enabled or "RANK" in os.environ:
             torch.distributed.init_process_group(backend=backend)
         else:  # plain `python`: a group of one needs no network, an in-process store will do
             torch.distributed.init_process_group(backend=backend, store=torch.distributed.HashStore(), rank=0,

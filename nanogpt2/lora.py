@@ -28,8 +28,6 @@ from typing import Iterable, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .quantization import QuantizedLinear
-
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."       # PeftModelForCausalLM wraps (LoraModel wraps) the transformers model
 LORA_MODULES = ("c_attn", "c_proj", "c_fc")
@@ -47,9 +45,10 @@ class LoRALinear(nn.Module):
         self.base_layer = base_layer
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        dev = base_layer.weight.device
-        # a quantized base (QLoRA) stores integers: the adapters compute in its float dtype
-        dt = base_layer.compute_dtype if isinstance(base_layer, QuantizedLinear) else base_layer.weight.dtype
+        dev = next(base_layer.parameters()).device
+        # a quantized base (QLoRA; quantization.QuantizedLinear) stores integers: the adapters compute in its
+        # float dtype, which it names compute_dtype
+        dt = getattr(base_layer, "compute_dtype", None) or base_layer.weight.dtype
         self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, device=dev, dtype=dt)   # (r, in)
         self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=dev, dtype=dt)  # (out, r)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -81,9 +80,14 @@ class LoRALinear(nn.Module):
 
 def _linear_names(model: nn.Module) -> list[str]:
     """Dotted names of the adaptable projections: every nn.Linear (or LoRALinear) inside the blocks."""
-    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantizedLinear, LoRALinear))
-            and ".h." in f".{n}"
+    return [n for n, m in model.named_modules() if _is_projection(m) and ".h." in f".{n}"
             and not n.endswith((".lora_A", ".lora_B", ".base_layer"))]
+
+
+def _is_projection(m: nn.Module) -> bool:
+    """nn.Linear, a LoRALinear, or a layer that computes as one from other storage (quantization.QuantizedLinear:
+    it has in/out_features and a compute_dtype); lora.py does not import quantization.py, which imports lora.py."""
+    return isinstance(m, (nn.Linear, LoRALinear)) or hasattr(m, "compute_dtype") and hasattr(m, "in_features")
 
 
 def _valid_targets(names: Iterable[str]) -> list[str]:
@@ -169,7 +173,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its projection (W <- W + scaling * B @ A) and put the plain nn.Linear back,
     so the model is an ordinary GPT-2 again: save_pretrained writes a checkpoint transformers loads.
     The base parameters stay frozen (requires_grad False) as apply_lora left them."""
-    quantized = [n for n, m in lora_modules(model).items() if isinstance(m.base_layer, QuantizedLinear)]
+    quantized = [n for n, m in lora_modules(model).items() if not isinstance(m.base_layer, nn.Linear)]
     if quantized:
         raise ValueError(f"cannot merge LoRA into a quantized base ({quantized[0]}, ...): its integer weights cannot "
                          "hold the sum; call nanogpt2.dequantize(model) first (then merge_lora), or keep the "

@@ -176,9 +176,9 @@ class PreTrained(HooksMixin, nn.Module):
     def num_parameters(self) -> int:
         """Weights the model computes with (a quantized layer counts its in x out weights, not its bytes)."""
         quantized = [m for m in self.modules() if isinstance(m, quantization.QuantizedLinear)]
-        stored = {id(p) for m in quantized for p in (m.weight, m.scales, m.zeros) if p is not None}
+        stored = {id(p) for m in quantized for p in (m.qweight, m.scales, m.zeros) if p is not None}
         return (sum(p.numel() for p in self.parameters() if id(p) not in stored)   # parameters() dedups ties
-                + sum(m.in_features * m.out_features for m in {id(m.weight): m for m in quantized}.values()))
+                + sum(m.in_features * m.out_features for m in {id(m.qweight): m for m in quantized}.values()))
 
     @property
     def device(self) -> torch.device:

@@ -166,7 +166,7 @@ def _job(model, clean, corrupted, point: str, by_position: bool, into: str, atte
     if into not in DIRECTIONS:
         raise ValueError(f"into={into!r}: patch into 'corrupted' (clean activations copied in) or 'clean' "
                          "(the reverse)")
-    device = model.lm_head.weight.device
+    device = model.device
     V = model.config.vocab_size
     clean = check_token_ids(torch.as_tensor(clean), V, "clean").to(device)
     corrupted = check_token_ids(torch.as_tensor(corrupted), V, "corrupted").to(device)
@@ -401,7 +401,7 @@ def patch(model, clean, corrupted, metric: Metric, point: str = "resid_pre", *, 
 
     index = {cell: i for i, cell in enumerate(job.cells)}
     values = torch.empty(len(job.cells))
-    for batch in _batches(job, model.config, model.lm_head.weight.element_size(), max_memory):
+    for batch in _batches(job, model.config, model.dtype.itemsize, max_memory):
         hidden = [_patched_hidden(model, job, cells, start, source, target) for start, cells in batch]
         for (_, cells), logits in zip(batch, _unembed(model, job, batch, hidden, target_logits)):
             scores = [_scalar(metric(logits[j * job.B:(j + 1) * job.B])) for j in range(len(cells))]

@@ -37,7 +37,8 @@ Training through a quantized layer (LoRA on top) differentiates x only: backward
 dequantized weight, made per layer when needed and dropped after, so no float copy outlives a step.
 
 Checkpoints: save_pretrained writes the integer tensors, scales and zeros under the layer's name
-(`transformer.h.0.attn.c_attn.weight` int8/uint8, `...c_attn.scales`, `...c_attn.zeros`), in nn.Linear's
+(`transformer.h.0.attn.c_attn.weight` int8/uint8 — `qweight` in memory, so that no code reading `.weight`
+gets integers —, `...c_attn.scales`, `...c_attn.zeros`), in nn.Linear's
 [out, in] layout (not Conv1D's [in, out]), lm_head left out when tied (as HF does), and config.json gains
     "quantization_config": {"quant_method": "nanogpt2", "format_version": 1, "mode": "int4",
                             "group_size": 64, "modules": ["c_attn", "attn.c_proj", ...]}
@@ -53,6 +54,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .attention import _kernels   # one rule for "are the Triton kernels here" (None only without triton)
+from .lora import LoRALinear
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)          # the issue's three, which both kernels take; 64: the default (quality vs bytes)
@@ -82,11 +86,21 @@ def check_scheme(mode, group_size, in_features: Optional[int] = None, where: str
     return g
 
 
+ROWS_PER_CHUNK = 4096   # quantize this many rows at a time: temporaries stay ~4096 x K floats, not a whole wte
+
+
 @torch.no_grad()
 def quantize_int8(w: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """w (N, K) float -> q (N, K) int8, scales (N,) scale_dtype. q is rounded against the *stored* scale."""
-    scales = (w.float().abs().amax(dim=1).clamp(min=1e-12) / 127).to(scale_dtype)
-    q = torch.round(w.float() / scales.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+    """w (N, K) float -> q (N, K) int8, scales (N,) scale_dtype. q is rounded against the *stored* scale (a
+    scale that rounds to 0 in fp16 is held at the dtype's smallest normal number)."""
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scales = torch.empty(w.shape[0], dtype=scale_dtype, device=w.device)
+    tiny = torch.finfo(scale_dtype).tiny
+    for r in range(0, w.shape[0], ROWS_PER_CHUNK):
+        rows = w[r:r + ROWS_PER_CHUNK].to(torch.float32, copy=True)   # a copy: rounded in place below
+        s = (rows.abs().amax(dim=1) / 127).clamp_(min=tiny).to(scale_dtype)
+        scales[r:r + ROWS_PER_CHUNK] = s
+        q[r:r + ROWS_PER_CHUNK] = rows.div_(s.float()[:, None]).round_().clamp_(-127, 127)
     return q, scales
 
 
@@ -94,13 +108,19 @@ def quantize_int8(w: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tens
 def quantize_int4(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype):
     """w (N, K) float -> packed (N, K/2) uint8, scales and zeros (N, K/g) scale_dtype (see the module doc)."""
     N, K = w.shape
-    wg = w.float().view(N, K // group_size, group_size)
-    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
-    scales = ((hi - lo).clamp(min=1e-6) / 15).to(scale_dtype)
-    zeros = (lo + 8 * scales.float()).to(scale_dtype)
-    low = zeros.float() - 8 * scales.float()                           # the value q = 0 stands for
-    q = torch.round((wg - low[..., None]) / scales.float()[..., None]).clamp_(0, 15).to(torch.uint8).view(N, K)
-    return q[:, 0::2] | (q[:, 1::2] << 4), scales, zeros
+    packed = torch.empty(N, K // 2, dtype=torch.uint8, device=w.device)
+    scales = torch.empty(N, K // group_size, dtype=scale_dtype, device=w.device)
+    zeros = torch.empty_like(scales)
+    for r in range(0, N, ROWS_PER_CHUNK):
+        wg = w[r:r + ROWS_PER_CHUNK].to(torch.float32, copy=True).view(-1, K // group_size, group_size)
+        lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
+        s = ((hi - lo).clamp(min=1e-6) / 15).to(scale_dtype)
+        z = (lo + 8 * s.float()).to(scale_dtype)
+        low = z.float() - 8 * s.float()                                # the value q = 0 stands for
+        q = wg.sub_(low[..., None]).div_(s.float()[..., None]).round_().clamp_(0, 15).to(torch.uint8).view(-1, K)
+        packed[r:r + ROWS_PER_CHUNK] = q[:, 0::2] | (q[:, 1::2] << 4)
+        scales[r:r + ROWS_PER_CHUNK], zeros[r:r + ROWS_PER_CHUNK] = s, z
+    return packed, scales, zeros
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
@@ -134,18 +154,18 @@ class QuantizedLinear(nn.Module):
         self.in_features, self.out_features, self.mode = in_features, out_features, mode
         N, K = out_features, in_features
         if mode == "int8":
-            self.weight = _frozen(torch.empty(N, K, dtype=torch.int8, device=device))
+            self.qweight = _frozen(torch.empty(N, K, dtype=torch.int8, device=device))
             self.scales = _frozen(torch.empty(N, dtype=dtype, device=device))
             self.zeros = None
         else:
-            self.weight = _frozen(torch.empty(N, K // 2, dtype=torch.uint8, device=device))
+            self.qweight = _frozen(torch.empty(N, K // 2, dtype=torch.uint8, device=device))
             self.scales = _frozen(torch.empty(N, K // self.group_size, dtype=dtype, device=device))
             self.zeros = _frozen(torch.empty(N, K // self.group_size, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.empty(N, dtype=dtype, device=device)) if bias else None
         # the CPU op's layouts, derived from the tensors above by repack() (never saved)
-        self.register_buffer("cpu_weight", None, persistent=False)
+        self.register_buffer("cpu_qweight", None, persistent=False)
         self.register_buffer("cpu_scales", None, persistent=False)
-        self.register_load_state_dict_post_hook(lambda module, _: module.repack())
+        self.register_load_state_dict_post_hook(QuantizedLinear._repack_after_load)
 
     @classmethod
     @torch.no_grad()
@@ -156,14 +176,18 @@ class QuantizedLinear(nn.Module):
         layer = cls(K, N, mode, group_size, bias=bias is not None, dtype=weight.dtype, device="meta")
         if mode == "int8":
             q, scales = quantize_int8(weight, weight.dtype)
-            layer.weight, layer.scales = _frozen(q), _frozen(scales)
+            layer.qweight, layer.scales = _frozen(q), _frozen(scales)
         else:
             q, scales, zeros = quantize_int4(weight, layer.group_size, weight.dtype)
-            layer.weight, layer.scales, layer.zeros = _frozen(q), _frozen(scales), _frozen(zeros)
+            layer.qweight, layer.scales, layer.zeros = _frozen(q), _frozen(scales), _frozen(zeros)
         if bias is not None:
             layer.bias = nn.Parameter(bias.detach(), requires_grad=bias.requires_grad)
         layer.repack()
         return layer
+
+    @staticmethod
+    def _repack_after_load(module, incompatible_keys) -> None:   # a function, not a lambda: torch.save pickles it
+        module.repack()
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -172,26 +196,26 @@ class QuantizedLinear(nn.Module):
 
     def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The float weight (N, K) these integers stand for."""
-        return dequantize_rows(self.weight, self.scales, self.zeros, self.group_size, dtype or self.compute_dtype)
+        return dequantize_rows(self.qweight, self.scales, self.zeros, self.group_size, dtype or self.compute_dtype)
 
     @torch.no_grad()
     def repack(self) -> None:
         """(Re)build the CPU op's derived layouts from weight/scales/zeros; called on creation, after loading a
         state dict and after every move (`_apply`). Nothing to do on other devices."""
-        self.cpu_weight = self.cpu_scales = None
-        if self.weight.device.type != "cpu":
+        self.cpu_qweight = self.cpu_scales = None
+        if self.qweight.device.type != "cpu":
             return
         if self.mode == "int8":
-            if self.weight.data_ptr() % 64:
+            if self.qweight.data_ptr() % 64:
                 # the int8 op reads the weight with aligned vector loads: a tensor read from a safetensors file
                 # can start mid-cache-line (seen: offset 60) and crashed the process. A fresh copy is aligned.
-                self.weight.data = self.weight.data.clone()
+                self.qweight.data = self.qweight.data.clone()
             self.cpu_scales = self.scales.to(torch.bfloat16)
             return
         N = self.out_features
         pad = -N % CPU_INT4_ROWS                      # padded rows: q = 8, scale = zero = 0 -> exact zeros, sliced off
-        q = F.pad(unpack_int4(self.weight).to(torch.int32), (0, 0, 0, pad), value=8)
-        self.cpu_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        q = F.pad(unpack_int4(self.qweight).to(torch.int32), (0, 0, 0, pad), value=8)
+        self.cpu_qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
         sz = torch.stack([F.pad(self.scales, (0, 0, 0, pad)), F.pad(self.zeros, (0, 0, 0, pad))], dim=-1)
         self.cpu_scales = sz.transpose(0, 1).contiguous().to(torch.bfloat16)   # (K/g, N + pad, 2)
 
@@ -207,21 +231,25 @@ class QuantizedLinear(nn.Module):
         if x.device.type == "cpu":
             if self.cpu_scales is None:
                 raise RuntimeError("this QuantizedLinear's CPU layout is missing (its tensors were replaced by "
-                                   "hand); call .repack() after changing weight, scales or zeros")
+                                   "hand); call .repack() after changing qweight, scales or zeros")
             xb = x2.to(torch.bfloat16).contiguous()
             if self.mode == "int8":
-                y = torch.ops.aten._weight_int8pack_mm(xb, self.weight, self.cpu_scales)
+                y = torch.ops.aten._weight_int8pack_mm(xb, self.qweight, self.cpu_scales)
             else:
-                y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.cpu_weight, self.group_size, self.cpu_scales)
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.cpu_qweight, self.group_size, self.cpu_scales)
                 y = y[:, : self.out_features]
-        elif x.device.type == "cuda" and _kernels() is not None:
+        elif x.device.type == "cuda":
             k = _kernels()      # GEMV for a few rows (decode), GEMM otherwise; scales in any float dtype
+            if k is None:
+                raise RuntimeError("quantized layers on CUDA run nanogpt2's Triton kernels, and triton is not "
+                                   "installed: pip install triton, or dequantize(model) for float weights")
             if self.mode == "int8":
-                y = k.int8_linear(x2, self.weight, self.scales)
+                y = k.int8_linear(x2, self.qweight, self.scales)
             else:
-                y = k.int4_linear(x2, self.weight, self.scales, self.zeros, self.group_size)
-        else:   # no weight-only kernel here (CUDA without triton, other devices): dequantize, then matmul
-            y = F.linear(x2, self.dequantized_weight(x.dtype))
+                y = k.int4_linear(x2, self.qweight, self.scales, self.zeros, self.group_size)
+        else:   # dequantizing every weight per call would be slower than float, never what one quantizes for
+            raise NotImplementedError(f"no weight-only kernel for device {x.device.type!r} (CPU and CUDA have "
+                                      "them): dequantize(model) to run float weights there")
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -259,19 +287,22 @@ class QuantizedEmbedding(nn.Module):
         self.tie(head)
 
     def tie(self, head: QuantizedLinear) -> None:
-        self.weight, self.scales, self.zeros = head.weight, head.scales, head.zeros
+        self.qweight, self.scales, self.zeros = head.qweight, head.scales, head.zeros
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         zeros = None if self.zeros is None else self.zeros[ids]
-        return dequantize_rows(self.weight[ids], self.scales[ids], zeros, self.group_size, self.scales.dtype)
+        return dequantize_rows(self.qweight[ids], self.scales[ids], zeros, self.group_size, self.scales.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, tied to lm_head's quantized weight"
 
 
-def _kernels():
-    from .attention import _kernels as attention_kernels   # one rule for "are the Triton kernels here"
-    return attention_kernels()
+def float_weight(module: nn.Module) -> torch.Tensor:
+    """The float weight a linear or embedding computes with, quantized or not: what analysis code that reads
+    weights (activations.py's head results, logit attribution) must use instead of `.weight`."""
+    if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
+        return dequantize_rows(module.qweight, module.scales, module.zeros, module.group_size, module.scales.dtype)
+    return module.weight
 
 
 # ---- whole models -----------------------------------------------------------------------------
@@ -326,7 +357,7 @@ def _check_quantizable(model: nn.Module, mode, group_size) -> Optional[int]:
         qc = quantization_config(model) or {}
         raise ValueError(f"this model is already quantized ({qc.get('mode')}); quantizing twice would compound "
                          "the rounding: call nanogpt2.dequantize(model) first to change the scheme")
-    if any(type(m).__name__ == "LoRALinear" for m in model.modules()):
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("this model has LoRA adapters: quantize the base model first, then apply_lora (or "
                          "merge_lora before quantizing)")
     g = check_scheme(mode, group_size)
@@ -417,7 +448,7 @@ def build_quantized(model: nn.Module, mode: str, group_size: Optional[int]) -> N
 def tie(model: nn.Module) -> None:
     """Re-tie a quantized lm_head and wte after loading (the loader fills wte's names)."""
     wte = model.transformer.wte
-    model.lm_head.weight, model.lm_head.scales, model.lm_head.zeros = wte.weight, wte.scales, wte.zeros
+    model.lm_head.qweight, model.lm_head.scales, model.lm_head.zeros = wte.qweight, wte.scales, wte.zeros
     model.lm_head.repack()
 
 

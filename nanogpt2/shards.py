@@ -1,6 +1,8 @@
-"""Token shards on disk: the file format, a folder's manifest, and a reader that streams a folder of shards.
+"""Token shards on disk: the file format and its one writer, a folder's manifest, and a reader that streams a folder.
 
-tools/prepare_data.py writes these folders; training reads them (nanogpt2.data wraps a ShardedTokens in a Split).
+tools/prepare_data.py writes these folders, each shard through ShardFile, the one writer of the format; training
+reads them (nanogpt2.data wraps a ShardedTokens in a Split). AtomicFile, the temporary-file-then-rename that
+ShardFile uses, is also how the manifest, data.py's token cache and checkpoint.py's training_state.pt are written.
 
 One shard file (`train_000000.bin`, `val_000000.bin`, ...) is llm.c's GPT-2 token file, byte for byte
 (llm.c dev/data/data_common.py `write_datafile`, read by llm.c's C `dataloader.h`), so llm.c can train on our
@@ -41,7 +43,7 @@ MAGIC = 20240520            # llm.c's GPT-2 token files
 VERSION = 1                 # uint16 tokens
 HEADER_INTS = 256           # int32 fields; the header is 1024 bytes
 HEADER_BYTES = 4 * HEADER_INTS
-TOKEN_DTYPE = np.dtype("<u2")
+TOKEN_DTYPE = np.dtype("<u2")   # GPT-2's 50257 ids fit 16 bits; little-endian on disk (shards and data.py's cache)
 MAX_SHARD_TOKENS = 2**31 - 1  # ntok is an int32
 MANIFEST = "manifest.json"
 FORMAT = "nanogpt2-token-shards"  # manifest["format"]: a manifest.json someone else wrote is not ours
@@ -84,23 +86,75 @@ def read_header(path: str) -> int:
     return n
 
 
+class AtomicFile:
+    """A file that appears under its name complete or not at all: written as `{path}.tmp{pid}`, then on commit()
+    flushed to disk (fsync) and renamed over `path` (os.replace, atomic on POSIX), so a crash, Ctrl-C or full
+    disk never leaves a half-written file under the real name; discard() removes the temporary file. As a
+    context manager it yields the open file and commits when the block ends without an error, else discards.
+    The one way this package replaces a file it writes: shards, manifests, token caches, training_state.pt."""
+
+    def __init__(self, path: str, text: bool = False):
+        self.path, self.tmp = path, f"{path}.tmp{os.getpid()}"
+        self.file = open(self.tmp, "w", encoding="utf-8") if text else open(self.tmp, "wb")
+
+    def commit(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())      # on disk before its name says it is complete
+        self.file.close()
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        self.file.close()
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
+    def __enter__(self):
+        return self.file
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+
+
+class ShardFile:
+    """One shard being written: the header (its count filled in last), then tokens appended in as many calls as
+    the writer likes; close() makes it complete under its name (AtomicFile), abandon() drops it. The only writer
+    of the format: tools/prepare_data.py streams a split through these, write_shard writes one array."""
+
+    def __init__(self, path: str):
+        self.path, self.n = path, 0
+        self.out = AtomicFile(path)
+        self.out.file.write(encode_header(0))
+
+    def append(self, tokens: np.ndarray) -> None:
+        """Tokens (N,) of any integer dtype, each a GPT-2 id (checked to fit uint16)."""
+        tokens = np.asarray(tokens)
+        if len(tokens) and (tokens.min() < 0 or tokens.max() >= 2**16):
+            raise ValueError(f"token ids must fit uint16 [0, 65536), got {tokens.min()} .. {tokens.max()}")
+        encode_header(self.n + len(tokens))     # refuses a count past the header's int32 before writing
+        self.out.file.write(tokens.astype(TOKEN_DTYPE, copy=False).tobytes())
+        self.n += len(tokens)
+
+    def close(self) -> None:
+        self.out.file.seek(0)
+        self.out.file.write(encode_header(self.n))
+        self.out.commit()
+
+    def abandon(self) -> None:
+        self.out.discard()
+
+
 def write_shard(path: str, tokens: np.ndarray) -> None:
-    """Write tokens (N,) as one shard, atomically: a temporary file renamed over `path` once complete (and
-    flushed to disk), so a crash never leaves a half-written file under a shard's name."""
-    tokens = np.asarray(tokens)
-    if len(tokens) and (tokens.min() < 0 or tokens.max() >= 2**16):
-        raise ValueError(f"token ids must fit uint16 [0, 65536), got {tokens.min()} .. {tokens.max()}")
-    tmp = f"{path}.tmp{os.getpid()}"
+    """Write tokens (N,) as one complete shard at `path` (atomically, see ShardFile)."""
+    shard = ShardFile(path)
     try:
-        with open(tmp, "wb") as f:
-            f.write(encode_header(len(tokens)))
-            f.write(tokens.astype(TOKEN_DTYPE).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        shard.append(tokens)
+    except BaseException:
+        shard.abandon()
+        raise
+    shard.close()
 
 
 # ---- the folder and its manifest ----------------------------------------------------------------
@@ -126,15 +180,10 @@ def read_manifest(folder: str) -> dict:
 
 
 def write_manifest(folder: str, manifest: dict) -> None:
-    """Replace the folder's manifest atomically (temporary file, fsync, rename)."""
-    path = os.path.join(folder, MANIFEST)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    """Replace the folder's manifest atomically (AtomicFile)."""
+    with AtomicFile(os.path.join(folder, MANIFEST), text=True) as f:
         json.dump(manifest, f, indent=1)
         f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ---- reading: a split as one stream ---------------------------------------------------------------

@@ -43,7 +43,8 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from .checkpoint import (export_checkpoint, is_sharded_checkpoint, load_sharded_checkpoint, load_training_state,
-                         read_sharded_weights, rng_state, save_checkpoint, save_sharded_checkpoint, set_rng_state)
+                         read_sharded_weights, restore_rng_state, rng_state, save_checkpoint,
+                         save_sharded_checkpoint)
 from .config import PRESETS, GPT2Config
 from .dtypes import DTYPES, FLAG_CHOICES
 from .data import (SequenceSampler, Split, check_vocab, is_shard_folder, load_tokens, shard_splits, split_tokens,
@@ -183,8 +184,7 @@ def parse_args(argv=None, prog: Optional[str] = None) -> TrainConfig:
 def check_resume_matches(cfg: TrainConfig, state: dict, world_size: int) -> None:
     """Refuse to --resume a run with options that change the model, the data order or the global batch:
     the ValueError lists each such option's saved value and the new one."""
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    saved = {**defaults, **state["config"]}  # an option newer than the run had its default then
+    saved = saved_options(state)
     diff = [f"--{k.replace('_', '-')} {saved[k]!r} (now {getattr(cfg, k)!r})" for k in RESUME_MUST_MATCH
             if saved[k] != getattr(cfg, k)]
     saved_batch = saved["batch_size"] * saved["grad_accum"] * state.get("world_size", 1)
@@ -256,10 +256,15 @@ def model_skeleton(cfg: TrainConfig, out_dir: str, device: str = "cpu") -> GPT2L
     return model.train()
 
 
+def saved_options(state: dict) -> dict:
+    """The options a run was saved with (training_state.pt's "config"), one per TrainConfig field: an option
+    newer than the run gets its default (what the run had then), one since removed is dropped."""
+    return {f.name: state["config"].get(f.name, f.default) for f in dataclasses.fields(TrainConfig)}
+
+
 def saved_config(state: dict) -> TrainConfig:
-    """The TrainConfig a run was saved with (training_state.pt's "config"); options it predates get defaults."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in state["config"].items() if k in names})
+    """The TrainConfig a run was saved with (saved_options)."""
+    return TrainConfig(**saved_options(state))
 
 
 def export_sharded(out_dir: str, export_dir: str, dtype: str = "float32") -> None:
@@ -450,16 +455,15 @@ def save(run: Run, metrics: dict) -> None:
 
 def restore(run: Run, state: dict) -> None:
     """Continue from a saved state: weights and optimizer (sharded: read shard by shard, on any number of
-    ranks), schedule, step, data position and this rank's RNG states (a run saved by one process, or by a
-    different number of them, hands rank 0's states to every rank)."""
+    ranks), schedule, step, data position and this rank's RNG states (saved by a different number of processes:
+    each rank seeded afresh from (seed, step, rank), checkpoint.restore_rng_state)."""
     if run.cfg.fsdp:
         load_sharded_checkpoint(run.cfg.out_dir, run.model, run.optimizer)
     else:
         run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.step, run.seen = state["step"], state["sequences_seen"]
-    rngs = state["rng"]
-    set_rng_state(rngs[run.dist.rank] if len(rngs) == run.dist.world_size else rngs[0])
+    restore_rng_state(state["rng"], run.dist.rank, run.dist.world_size, run.cfg.seed, run.step)
 
 
 def finish(run: Run, interrupted: bool) -> None:

@@ -9,6 +9,7 @@ materialised once, in its final dtype and device, so loading needs about one mod
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
@@ -46,16 +47,31 @@ def load_plain_data(path: str, mmap: bool = False):
                               "from the file") from None
 
 
+# safetensors' dtype names (https://github.com/huggingface/safetensors, format.md) -> torch
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
 class _TensorSource:
-    """Names, shapes and lazily read tensors of one weight file (safetensors via mmap, or a torch .bin)."""
+    """Names, shapes and lazily read tensors of one weight file (safetensors, or a torch .bin).
+
+    safetensors is read by hand, not memory-mapped: 8 bytes of header length (little-endian), a JSON header
+    {name: {dtype, shape, data_offsets}}, then the raw bytes; each tensor is read into memory of its own, once.
+    A mapping would keep every page it touched resident in this process until the file is closed, so loading
+    (especially quantize-while-loading, which drops each float tensor as soon as it is quantized) would peak at
+    the whole file on top of the model."""
 
     def __init__(self, path: str):
         self.path = path
         try:
             if path.endswith(".safetensors"):
-                from safetensors import safe_open
-                self._f = safe_open(path, framework="pt", device="cpu")
-                self._keys = list(self._f.keys())
+                self._file = open(path, "rb")
+                n = int.from_bytes(self._file.read(8), "little")
+                header = json.loads(self._file.read(n))
+                header.pop("__metadata__", None)
+                self._entries, self._data_start = header, 8 + n
+                self._keys = list(header)
             else:   # mmap (tensors stay on disk until used) needs torch's zip format (torch >= 1.6); older .bin
                 # files are read whole, as transformers reads them
                 self._sd = load_plain_data(path, mmap=zipfile.is_zipfile(path))
@@ -70,25 +86,41 @@ class _TensorSource:
         return self._keys
 
     def shape(self, key: str) -> tuple[int, ...]:
-        if hasattr(self, "_f"):
-            return tuple(self._f.get_slice(key).get_shape())
+        if hasattr(self, "_entries"):
+            return tuple(self._entries[key]["shape"])
         return tuple(self._sd[key].shape)
 
     def is_float(self, key: str) -> bool:
-        if hasattr(self, "_f"):   # safetensors dtype names: F16, BF16, F32, F64, F8_E4M3, ... vs I8, U8, ...
-            return self._f.get_slice(key).get_dtype().startswith(("F", "BF"))
+        if hasattr(self, "_entries"):
+            return self._dtype(key).is_floating_point
         return self._sd[key].is_floating_point()
 
+    def _dtype(self, key: str) -> torch.dtype:
+        name = self._entries[key]["dtype"]
+        if name not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"tensor {key!r} in {self.path} has dtype {name}, which a GPT-2 checkpoint never "
+                                  f"holds; readable: {', '.join(SAFETENSORS_DTYPES)}")
+        return SAFETENSORS_DTYPES[name]
+
     def get(self, key: str) -> torch.Tensor:
-        try:
-            return self._f.get_tensor(key) if hasattr(self, "_f") else self._sd[key]
-        except Exception as e:
-            raise CheckpointError(f"cannot read tensor {key!r} from {self.path}: {type(e).__name__}: {e} - the file "
-                                  "is truncated or corrupt") from None
+        if not hasattr(self, "_entries"):
+            return self._sd[key]
+        entry, dtype = self._entries[key], self._dtype(key)
+        begin, end = entry["data_offsets"]
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        self._file.seek(self._data_start + begin)
+        got = self._file.readinto(memoryview(buf.numpy())) if end > begin else 0
+        if got != end - begin or (end - begin) != dtype.itemsize * math.prod(entry["shape"]):
+            raise CheckpointError(f"cannot read tensor {key!r} from {self.path}: {got} of {end - begin} bytes for "
+                                  f"shape {entry['shape']} {entry['dtype']} - the file is truncated or corrupt")
+        return buf.view(dtype).view(entry["shape"])
 
 
 def _canonical(key: str) -> str:
-    return key[len("transformer."):] if key.startswith("transformer.") else key
+    """A tensor's name without the "transformer." prefix, and a quantized layer's `qweight` under the file name
+    `weight` (quantization.py: the file keeps the layer's HF name, so transformers refuses its integer shapes)."""
+    key = key[len("transformer."):] if key.startswith("transformer.") else key
+    return key[: -len("qweight")] + "weight" if key.endswith(".qweight") else key
 
 
 def _resolve_dtype(dtype, checkpoint_dtype: torch.dtype) -> torch.dtype:
@@ -223,10 +255,12 @@ def hf_state_dict(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     and zeros when quantized: they are wte's). Integer tensors keep nn.Linear's [out, in] (quantization.py)."""
     tied = getattr(model.config, "tie_word_embeddings", True)
     for name, t in model.state_dict().items():
-        if name in ("lm_head.weight", "lm_head.scales", "lm_head.zeros") and tied:
+        if name.startswith("lm_head.") and name != "lm_head.bias" and tied:
             continue
         if _conv1d(name, t):
             t = t.t()
+        if name.endswith(".qweight"):
+            name = name[: -len("qweight")] + "weight"
         yield name, t.detach()
 
 

@@ -2,21 +2,26 @@
 same global batch; a sharded checkpoint saved by 2 processes resumes on 1 and on 3; tools/export_hf.py turns it into
 a checkpoint transformers loads; one-process resume stays bitwise; LoRA, gradient checkpointing, CPU offload and
 bf16 mixed precision compose with it; the tie lm_head = wte survives sharding; DCP files asking to build anything
-but plain data are refused. Tiny models (2 layers, width 32) as in tests/test_train.py."""
+but plain data are refused, damaged ones named; a resume on another process count seeds each rank apart. Tiny models
+(2 layers, width 32) as in tests/test_train.py."""
 import dataclasses
 import os
 import pickle
+import re
 import runpy
 import shutil
 
 import pytest
 import torch
 import torch.distributed
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
+from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.tensor import DTensor
 
 from nanogpt2 import CheckpointError, GPT2LMHeadModel
-from nanogpt2.checkpoint import SHARDED_DIR, sharded_checkpoint_keys
+from nanogpt2.checkpoint import SHARDED_DIR, restore_rng_state, rng_state, sharded_checkpoint_keys
+from nanogpt2.distributed import init_distributed
 from nanogpt2.train import export_sharded, save, setup, train, train_step
 
 from conftest import hf_quiet
@@ -173,3 +178,74 @@ def test_sharded_checkpoint_metadata_with_a_pickle_payload_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="refusing to load"):
         export_sharded(cfg.out_dir, str(tmp_path / "x"))
     assert not marker.exists()
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # the control's one-process dcp.load
+def test_an_optimizer_entry_with_a_pickle_payload_is_refused(tmp_path):
+    """A sharded checkpoint's non-tensor entries (here the optimizer's param_groups, in __0_0.distcp) are read
+    with weights_only=True: a payload planted there is refused, naming the entry, and never runs; torch's own
+    planner, which unpickles them fully, would have run it."""
+    cfg = tiny_cfg(tmp_path, fsdp=True, max_steps=1)
+    run = setup(cfg)
+    train_step(run)
+    marker = tmp_path / "payload-ran"
+    run.optimizer.param_groups[0]["note"] = Payload(marker)  # state_dict() copies every param-group key
+    save(run, {})
+    marker.unlink(missing_ok=True)                           # (copying the group may have called it: not a load)
+    with pytest.raises(CheckpointError, match=r"refusing to load the entry 'optimizer\.param_groups' of a sharded "
+                                              r"checkpoint: .* \(it asks for test_train\._leave_marker\)"):
+        train(dataclasses.replace(cfg, max_steps=2, resume=True))
+    assert not marker.exists()
+    dcp.load({"optimizer.param_groups": []}, checkpoint_id=os.path.join(cfg.out_dir, SHARDED_DIR), no_dist=True,
+             planner=DefaultLoadPlanner(flatten_state_dict=False))
+    assert marker.exists()  # the control: the payload is real, and DCP's default loader runs it
+
+
+def test_a_damaged_sharded_checkpoint_is_a_checkpoint_error(tmp_path):
+    """dcp.load reports every failure as a CheckpointException, a BaseException that `except Exception` misses;
+    a missing or truncated shard file reaches the user as a CheckpointError naming the folder, and
+    tools/export_hf.py prints it as one line."""
+    cfg = tiny_cfg(tmp_path, fsdp=True, max_steps=1)
+    train(cfg)
+    shard = os.path.join(cfg.out_dir, SHARDED_DIR, "__0_0.distcp")
+    data = open(shard, "rb").read()
+    os.remove(shard)
+    folder = re.escape(repr(os.path.join(cfg.out_dir, SHARDED_DIR)))
+    with pytest.raises(CheckpointError, match=f"cannot read the sharded checkpoint in {folder}: FileNotFoundError"):
+        export_sharded(cfg.out_dir, str(tmp_path / "hf"))
+    tool = runpy.run_path(os.path.join(REPO, "tools", "export_hf.py"), run_name="export_hf")
+    with pytest.raises(SystemExit, match=f"^tools/export_hf.py: cannot read the sharded checkpoint in {folder}"):
+        tool["main"](["--checkpoint", cfg.out_dir, "--out", str(tmp_path / "hf")])
+    open(shard, "wb").write(data[:len(data) // 2])
+    with pytest.raises(CheckpointError, match="EOFError .*a .distcp file ends early"):
+        train(dataclasses.replace(cfg, max_steps=2, resume=True))
+
+
+def test_resuming_on_another_number_of_processes_seeds_each_rank_apart():
+    """Saved by 2 processes: resumed on 2, rank r continues its own saved stream; on 3, every rank is seeded from
+    (seed, step, rank), so no two ranks share dropout masks (rank 0's saved state handed to all would)."""
+    saved = []
+    for r in range(2):
+        torch.manual_seed(100 + r)
+        saved.append(rng_state())
+
+    def draws(rank, world, step=3):
+        restore_rng_state(saved, rank, world, seed=7, step=step)
+        return torch.rand(8)
+
+    torch.manual_seed(101)
+    rank1 = torch.rand(8)
+    assert torch.equal(draws(1, 2), rank1)
+    three = [draws(r, 3) for r in range(3)]
+    assert not any(torch.equal(three[i], three[j]) for i in range(3) for j in range(i + 1, 3))
+    assert torch.equal(draws(2, 3), three[2]) and not torch.equal(draws(2, 3, step=4), three[2])
+
+
+def test_a_group_of_one_ignores_master_addr_without_rank(monkeypatch):
+    """`python tools/train.py --fsdp` in a shell that exports MASTER_ADDR (but is not under torchrun: no RANK)
+    starts an in-process group of one, rather than failing in env:// rendezvous for want of RANK."""
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    dist, _ = init_distributed("cpu", need_group=True)
+    assert dist.world_size == 1 and torch.distributed.is_initialized() and torch.distributed.get_world_size() == 1

@@ -74,7 +74,7 @@ def test_gradient_reaches_the_input_through_the_dequantized_weight():
     x2 = x.detach().clone().requires_grad_()
     (F.linear(x2, layer.dequantized_weight()) ** 2).sum().backward()
     torch.testing.assert_close(x.grad, x2.grad, rtol=0.05, atol=0.05 * x2.grad.abs().max().item())
-    assert not layer.weight.requires_grad and layer.weight.grad is None
+    assert not layer.qweight.requires_grad and layer.qweight.grad is None
 
 
 # ---- whole models -------------------------------------------------------------------------------
@@ -128,11 +128,11 @@ def test_tied_head_and_embedding_stay_one_quantized_matrix(hf_checkpoint):
     model = GPT2LMHeadModel.from_pretrained(path, quantize="int4", group_size=32)
     wte, head = model.transformer.wte, model.lm_head
     assert isinstance(wte, QuantizedEmbedding)
-    assert wte.weight is head.weight and wte.scales is head.scales and wte.zeros is head.zeros
+    assert wte.qweight is head.qweight and wte.scales is head.scales and wte.zeros is head.zeros
     ids = torch.tensor([[0, 5, 100]])
     torch.testing.assert_close(wte(ids)[0], head.dequantized_weight()[ids[0]], atol=0, rtol=0)
     model.to(torch.bfloat16)     # a move keeps the tie (shared Parameters) and re-derives the CPU layout
-    assert model.transformer.wte.weight is model.lm_head.weight and model.lm_head.cpu_scales.dtype == torch.bfloat16
+    assert model.transformer.wte.qweight is model.lm_head.qweight and model.lm_head.cpu_scales.dtype == torch.bfloat16
     assert model(ids).logits.dtype == torch.bfloat16 and model.dtype == torch.bfloat16
     assert model.num_parameters() == GPT2LMHeadModel.from_pretrained(path).num_parameters()
 

@@ -32,7 +32,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"--dtype {cfg.dtype!r} is not one of {', '.join(FLAG_CHOICES)}")
     try:
         export_sharded(cfg.checkpoint, cfg.out, cfg.dtype)
-    except (FileNotFoundError, ValueError) as e:  # CheckpointError is a ValueError: say it, no traceback
+    except (FileNotFoundError, ValueError) as e:  # CheckpointError (a ValueError), DCP failures too: no traceback
         raise SystemExit(f"tools/export_hf.py: {e}") from None
     print(f"exported {cfg.checkpoint} as a {cfg.dtype} Hugging Face checkpoint in {cfg.out}")
     return 0

@@ -19,9 +19,9 @@ is a new document and need not continue the one before. (nanoGPT's data/openwebt
 before the very first document too.)
 
 Split. The last --val-fraction of the corpus, measured in bytes of input, is the val split; it starts at the
-first place at or after that point where the text can be cut (next JSONL line; in a text file, the next lone
-space, tab or newline between two printable ASCII characters, so a document can straddle the split; the
-start of the next file if there is none). Deterministic: the same input and options give the same split.
+first place at or after that point where the input may be cut (the next JSONL line; in a text file, the next
+place `_cut_here` allows, so a document can straddle the split; the start of the next file if there is none).
+Deterministic: the same input and options give the same split.
 
 Output (--out):
     manifest.json          what is here (below); tools/train.py --data recognises a shard folder by it
@@ -40,6 +40,7 @@ manifest.json:
                            sources [{path (relative to --input), kind "text" | "jsonl", bytes, sha256}],
                            text_field, val_fraction, shard_tokens, chunk_bytes
     source_mtimes          {path: mtime_ns}: a source whose size and mtime are unchanged is not hashed again
+    plan_version           how the input was cut into work units (PLAN_VERSION; absent: 1)
     val_start              {source, byte}: where the val split begins (null without one)
     splits.train, .val     shards [{file, tokens, documents, max_token}], tokens, documents (= end-of-text
                            tokens), units (work units planned), resume {unit, skip}, done
@@ -48,21 +49,32 @@ Resuming. Every shard is written under a temporary name, flushed to disk and ren
 manifest (also replaced atomically) lists it together with the resume point: the work unit, and the tokens
 of that unit already written, where the next shard begins. An interrupted run (Ctrl-C, a crash, a lost
 machine) leaves only complete shards behind the manifest; running the same command again deletes leftover
-temporary files and continues from the resume point. Work units are fixed by the job, not by --workers, so
-the shards are identical whatever was interrupted and however many workers ran. Running a finished job again
-checks its shards and does nothing. A changed source or option is refused with the difference named (write
-to a new --out). A lock file keeps two runs from writing one folder.
+temporary files and continues from the resume point. Work units are fixed by the job and the plan version, not
+by --workers, so the shards are identical whatever was interrupted and however many workers ran; an
+unfinished folder from a version that cuts units differently is refused, not resumed at the wrong unit.
+Running a finished job again checks its shards and does nothing (if the sources were only touched, it records
+their new mtimes, so the next run does not hash them again). A changed source or option is refused with the
+difference named (write to a new --out). A lock file keeps two runs from writing one folder.
 
-Speed. The input is cut into units of --chunk-bytes (cut only where tokenizing the parts separately gives
-exactly the tokens of the whole: see `next_cut`), tokenized by --workers processes (fork: each inherits the
-tokenizer the parent built), and written in order by this process, with at most 2 units per worker in flight.
-tiktoken encodes about 2.5 M tokens/s on a quiet core (tinyshakespeare); measured figures, this pipeline
-against tiktoken's own rate, are in BENCHMARKS.md (benchmarks/prepare_data.py).
+Work units and memory. plan() walks each file once, before tokenizing, and cuts it into pieces of about
+--chunk-bytes, each ending only where tokenizing the two sides apart gives exactly the tokens of the whole
+(`_cut_here`: before a lone ASCII space, tab or newline between non-spaces, or where letters, digits and
+punctuation meet, so Chinese or Japanese text without spaces is cut too); small files are grouped into one unit.
+A piece of text is at most 4 x --chunk-bytes (MAX_PIECE): text with no such place in that stretch (a megabyte
+of digits, say) stops the job, naming the file and line, rather than becoming one piece of unbounded size. A
+JSONL line is never split: a unit holds each of its lines whole. Units are tokenized by --workers processes
+(fork: each inherits the tokenizer the parent built) and written in order by this process, at most 2 units per
+worker in flight. So the memory in use is bounded by 2 x workers units, each under 5 x --chunk-bytes of text
+(or its JSONL lines, however long) and its tokens, plus the plan, one small record per unit: it grows with
+the corpus only by those records. Speed: 1.33 M tokens/s with 2 workers on the 2-core development
+machine while it ran other jobs, against tiktoken's own 1.13 M/s on the same pieces (BENCHMARKS.md,
+benchmarks/prepare_data.py).
 """
 from __future__ import annotations
 
 import collections
 import fcntl
+import functools
 import hashlib
 import json
 import multiprocessing
@@ -71,6 +83,7 @@ import re
 import signal
 import sys
 import time
+import unicodedata
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple, Optional
 
@@ -79,7 +92,7 @@ from tqdm import tqdm
 
 from nanogpt2.flags import dataclass_parser, flag
 from nanogpt2.shards import (FORMAT, FORMAT_VERSION, HEADER_BYTES, MANIFEST, MAGIC, MAX_SHARD_TOKENS, SPLITS,
-                             TOKEN_DTYPE, VERSION, encode_header, open_shard_folder, read_manifest, write_manifest)
+                             TOKEN_DTYPE, VERSION, ShardFile, open_shard_folder, read_manifest, write_manifest)
 from nanogpt2.tokenizer import EOT_ID, get_tokenizer
 
 TEXT_SUFFIXES, JSONL_SUFFIXES = (".txt",), (".jsonl",)
@@ -244,61 +257,135 @@ def job_differences(old: dict, new: dict) -> list[str]:
     return diff
 
 
-# ---- where text may be cut ----------------------------------------------------------------------------
+# ---- where the input may be cut -----------------------------------------------------------------------
 
-# GPT-2's pre-tokenizer (nanogpt2.tokenizer.PAT_STR) never joins a lone ASCII whitespace character that sits
-# between two printable ASCII characters to the text before it: every piece that contains a non-space ends
-# before whitespace, and `\s+(?!\S)` / `\s++$` need a whitespace run, which a single character followed by a
-# printable one is not (`\s` takes it alone, or ` ?\p{L}++` etc. start with it). So cutting just before such a
-# character gives two texts whose tokens, concatenated, are the tokens of the whole (tests check this on
-# random text). Only ASCII bytes are tested, so a cut never splits a UTF-8 character, and Unicode spaces
-# (U+00A0, U+3000, which `\s` matches too) are never mistaken for printable.
-_TEXT_CUT = re.compile(rb"(?<=[\x21-\x7e])(?=[\t\n\x0b\x0c\r ][\x21-\x7e])")
+# Work units are tokenized separately, so a unit may end only where tokenizing the two sides apart gives exactly
+# the tokens of the whole. GPT-2's pre-tokenizer (nanogpt2.tokenizer.PAT_STR)
+#     '(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s
+# splits text into pieces, and BPE merges within a piece only. A cut between code points X and Y keeps every
+# piece when, in the whole text, the piece holding X ends at X: the left side alone then splits as the whole did
+# (X is not whitespace, so `\s++$` and `(?!\S)` decide as they did), and the right side starts matching where
+# the whole did, on the same text. The piece holding a non-space X ends at X when
+#   1. Y is whitespace: a piece holding a non-space holds no whitespace after it (` ?` is a leading space). We cut
+#      only before a single ASCII whitespace byte whose neighbours X and Z are not whitespace (" ", "\n", "\t"
+#      between words), X and Z decoded, so that U+00A0 or U+3000 beside it count as whitespace; or
+#   2. X and Y are letter (\p{L}), number (\p{N}) or other (neither, nor whitespace), in different classes, and X
+#      is not "'": ` ?\p{L}++`, ` ?\p{N}++` and ` ?[^\s\p{L}\p{N}]++` each stop at a change of class, and a
+#      contraction ('s, 'll, ...) starts with "'" and holds only letters after it. This cuts text without
+#      spaces: "日本語。" into "日本語" and "。", minified code at its punctuation.
+# The classes come from Python's Unicode tables (unicodedata); tiktoken's regex has its own, of another Unicode
+# version, so there is no cut beside a code point unassigned in Unicode 3.2 or of another class there
+# (unicodedata.ucd_3_2_0). tests/test_prepare_data.py checks every cut these rules allow in random text.
+_ASCII_SPACE = b"\t\n\x0b\x0c\r "
+# Every place the rules allow, and more, found at C speed; _cut_here decides each. ASCII bytes are space-like
+# ([\t-\r\x1c-\x20], str.isspace), letters, digits or other (_ASCII_OTHER).
+_ASCII_OTHER = rb"\x00-\x08\x0e-\x1b\x21-\x2f\x3a-\x40\x5b-\x60\x7b-\x7f"
+_NOT_QUOTE = _ASCII_OTHER.replace(rb"\x21-\x2f", rb"\x21-\x26\x28-\x2f")   # other, less "'" (0x27)
+_CANDIDATE = re.compile(
+    rb"(?=[\t\n\x0b\x0c\r ])"                                            # rule 1
+    rb"|(?<=[\x80-\xff])(?=[^\x80-\xbf])|(?=[\xc0-\xff])"                 # beside a non-ASCII code point
+    rb"|(?<=[A-Za-z])(?=[0-9" + _ASCII_OTHER + rb"])|(?<=[0-9])(?=[A-Za-z" + _ASCII_OTHER + rb"])"   # rule 2
+    rb"|(?<=[" + _NOT_QUOTE + rb"])(?=[A-Za-z0-9])")
 
 
-def next_cut(f, pos: int, limit: int, kind: str) -> int:
-    """The first byte offset >= pos (and < limit) where the open file `f` may be cut: a JSONL line start, or in
-    text a _TEXT_CUT; `limit` (the end of the part being cut) if there is none. Offset 0 always is one.
-    Reads a window after pos, doubling it until a cut turns up (natural text has one within a few bytes)."""
-    if pos <= 0 or pos >= limit:
-        return max(0, min(pos, limit))
-    window = 1 << 12
-    while True:
-        lo, end = pos - 1, min(limit, pos + window)   # one byte of look-behind, one of look-ahead past `end`
-        f.seek(lo)
-        buf = f.read(end + 1 - lo)
+def _code_point_before(buf: bytes, i: int) -> Optional[str]:
+    """The UTF-8 code point ending just before byte i (None: none, or not valid UTF-8)."""
+    j = i - 1
+    while j > 0 and i - j < 4 and 0x80 <= buf[j] < 0xC0:   # continuation bytes: walk back to the lead byte
+        j -= 1
+    try:
+        return buf[j:i].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _code_point_at(buf: bytes, i: int) -> Optional[str]:
+    """The UTF-8 code point starting at byte i (None: none, or not valid UTF-8)."""
+    if i >= len(buf):
+        return None
+    lead = buf[i]
+    n = 1 if lead < 0x80 else 2 if lead >= 0xC0 and lead < 0xE0 else 3 if 0xE0 <= lead < 0xF0 else 4
+    try:
+        return buf[i:i + n].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _class(ch: str) -> Optional[str]:
+    """"L", "N" or "O" (other), as rule 2 sees a code point; None for whitespace and for code points whose class
+    tiktoken's tables might not share (unassigned in Unicode 3.2, or of another class there)."""
+    if ch.isspace():                 # a superset of the regex's \s (White_Space): also \x1c-\x1f
+        return None
+    now, then = unicodedata.category(ch), unicodedata.ucd_3_2_0.category(ch)
+    if then in ("Cn", "Co", "Cs"):
+        return None
+    kind = {"L": "L", "N": "N"}.get(now[0], "O")
+    return kind if kind == {"L": "L", "N": "N"}.get(then[0], "O") else None
+
+
+def _cut_here(buf: bytes, i: int) -> bool:
+    """Whether text may be cut just before byte i of `buf` (rules 1 and 2 above; buf holds the text around i)."""
+    x, y = _code_point_before(buf, i), _code_point_at(buf, i)
+    if x is None or y is None:
+        return False
+    if buf[i] in _ASCII_SPACE:                               # rule 1
+        z = _code_point_at(buf, i + 1)
+        return z is not None and not x.isspace() and not z.isspace()
+    cx, cy = _class(x), _class(y)                            # rule 2
+    return cx is not None and cy is not None and cx != cy and x != "'"
+
+
+def text_cuts(buf: bytes, start: int = 1, stop: Optional[int] = None) -> Iterator[int]:
+    """Every offset i, start <= i < stop, where the text `buf` may be cut (in order)."""
+    stop = len(buf) if stop is None else stop
+    for m in _CANDIDATE.finditer(buf, max(1, start)):
+        if m.start() >= stop:
+            return
+        if _cut_here(buf, m.start()):
+            yield m.start()
+
+
+def find_cut(f, lo: int, hi: int, kind: str) -> Optional[int]:
+    """The first offset c, lo <= c < hi (lo >= 1), where the open file `f` may be cut: in JSONL the start of a
+    line, in text a place text_cuts allows; None if there is none. Reads [lo, c] and a few bytes around, in
+    blocks that grow from 4 KiB: what it reads is about c - lo, never the rest of the file."""
+    block = 1 << 12
+    while lo < hi:
+        end = min(hi, lo + block)
+        back = min(lo, 4)                     # a UTF-8 code point before lo (at most 4 bytes)
+        f.seek(lo - back)
+        buf = f.read(back + (end - lo) + 8)   # and the code points at and after the last offset tested (Y, Z)
         if kind == "jsonl":
-            j = buf.find(b"\n", 0, end - lo)            # a "\n" at lo .. end-1 starts a line at lo+j+1 <= end
-            cut = lo + j + 1 if j >= 0 else None
+            j = buf.find(b"\n", back - 1, back - 1 + end - lo)   # a "\n" at lo-1 .. end-2: a line starts at lo .. end-1
+            if j >= 0:
+                return lo - back + j + 1
         else:
-            m = _TEXT_CUT.search(buf, 1)
-            cut = lo + m.start() if m and lo + m.start() < end else None
-        if cut is not None:
-            return min(cut, limit)
-        if end >= limit:
-            return limit
-        window *= 2
+            for c in text_cuts(buf, back, back + end - lo):
+                return lo - back + c
+        lo, block = end, min(block * 2, 1 << 20)
+    return None
 
 
 # ---- the plan: work units ---------------------------------------------------------------------------
 
+MAX_PIECE = 4            # a piece of text is at most MAX_PIECE * --chunk-bytes: the cap on what a worker holds
+PLAN_VERSION = 2         # manifest["plan_version"]: how units are cut (1: cuts found by the workers, ASCII only)
+
+
 class Piece(NamedTuple):
-    """Bytes [start, stop) of one source, nominally: a bound marked `snap` moves to next_cut(bound) (below
-    `limit`, the end of its part of the file), so the unit before and the unit after agree on it."""
+    """Bytes [start, stop) of one source: both ends are places where it may be cut (or its ends)."""
     path: str
     kind: str
     start: int
     stop: int
-    limit: int
-    snap_start: bool
-    snap_stop: bool
 
 
 class Unit(NamedTuple):
     split: str
     index: int               # within its split: the resume point counts units
     pieces: tuple            # of Piece
-    nbytes: int              # nominal input bytes (for the progress bar)
+    nbytes: int              # input bytes (for the progress bar)
 
 
 def val_start(sources: list[Source], val_fraction: float) -> Optional[tuple[int, int]]:
@@ -311,9 +398,11 @@ def val_start(sources: list[Source], val_fraction: float) -> Optional[tuple[int,
     target, at = total - held, 0
     for i, s in enumerate(sources):
         if target < at + s.size:
+            if target == at:                 # a file's start is always a cut
+                return i, 0
             with open(s.path, "rb") as f:
-                cut = next_cut(f, target - at, s.size, s.kind)
-            if cut < s.size:
+                cut = find_cut(f, target - at, s.size, s.kind)
+            if cut is not None:
                 return i, cut
             target = at + s.size           # no cut left in this file: the next non-empty file's start
         at += s.size
@@ -322,9 +411,33 @@ def val_start(sources: list[Source], val_fraction: float) -> Optional[tuple[int,
                      f"--val-fraction, or 0 for no val split")
 
 
+def pieces_of(s: Source, a: int, b: int, chunk_bytes: int) -> Iterator[tuple[int, int]]:
+    """Bytes [a, b) of source s (a and b places it may be cut) as consecutive pieces of about chunk_bytes, walking
+    the file once: each piece ends at the first cut at least chunk_bytes past its start. A JSONL line is never
+    split (a piece may hold a long one whole); a piece of text is at most MAX_PIECE * chunk_bytes, and text with
+    no cut in that stretch is a ValueError naming the file and byte (no safe place to cut: it would be one piece
+    of unbounded size)."""
+    with open(s.path, "rb") as f:
+        p = a
+        while p < b:
+            target = p + chunk_bytes
+            cap = b if s.kind == "jsonl" else min(b, p + MAX_PIECE * chunk_bytes)
+            c = find_cut(f, target, cap + 1, s.kind) if target < b else b
+            if c is None:
+                if cap < b:
+                    raise ValueError(f"{s.path}, line {line_of(s.path, target)}: no place to cut the text in bytes "
+                                     f"{target:,} .. {cap:,} (no whitespace between non-spaces, no change between "
+                                     f"letters, digits and punctuation), and a piece may hold at most {MAX_PIECE} x "
+                                     f"--chunk-bytes = {MAX_PIECE * chunk_bytes:,} bytes: pass a larger --chunk-bytes")
+                c = b
+            yield p, c
+            p = c
+
+
 def plan(sources: list[Source], cfg: PrepareConfig) -> tuple[dict[str, list[Unit]], Optional[tuple[int, int]]]:
-    """Each split's work units, in order, and where val begins. A file's part is cut into pieces of
-    chunk_bytes; consecutive pieces (small files) are grouped until a unit holds chunk_bytes."""
+    """Each split's work units, in order, and where val begins: every cut is found here, once (pieces_of), and
+    a unit holds concrete byte ranges. Consecutive pieces (small files) are grouped until a unit holds
+    chunk_bytes, so a unit has under (1 + MAX_PIECE) * chunk_bytes of text."""
     cut = val_start(sources, cfg.val_fraction)
     segments = {"train": [], "val": []}       # (source, start, stop): a split's bytes
     for i, s in enumerate(sources):
@@ -342,9 +455,8 @@ def plan(sources: list[Source], cfg: PrepareConfig) -> tuple[dict[str, list[Unit
     for split, segs in segments.items():
         units[split], pieces, nbytes = [], [], 0
         for s, a, b in segs:
-            for lo in range(a, b, cfg.chunk_bytes):
-                hi = min(b, lo + cfg.chunk_bytes)
-                pieces.append(Piece(s.path, s.kind, lo, hi, b, lo != a, hi != b))
+            for lo, hi in pieces_of(s, a, b, cfg.chunk_bytes):
+                pieces.append(Piece(s.path, s.kind, lo, hi))
                 nbytes += hi - lo
                 if nbytes >= cfg.chunk_bytes:
                     units[split].append(Unit(split, len(units[split]), tuple(pieces), nbytes))
@@ -395,22 +507,18 @@ def tokenize_unit(pieces: tuple, text_field: str) -> np.ndarray:
     parts: list[np.ndarray] = []
     for p in pieces:
         with open(p.path, "rb") as f:
-            start = next_cut(f, p.start, p.limit, p.kind) if p.snap_start else p.start
-            stop = next_cut(f, p.stop, p.limit, p.kind) if p.snap_stop else p.stop
-            if start >= stop:
-                continue                       # the unit before reached past this piece: nothing left in it
-            f.seek(start)
-            raw = f.read(stop - start)
+            f.seek(p.start)
+            raw = f.read(p.stop - p.start)
         if p.kind == "jsonl":
-            for text in _jsonl_texts(raw, p.path, start, text_field):
+            for text in _jsonl_texts(raw, p.path, p.start, text_field):
                 parts += [_EOT, encode(enc, text)]
             continue
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise BadInput(p.path, start + e.start, f"not UTF-8 text ({e.reason}: byte "
-                                                    f"0x{raw[e.start]:02x})") from None
-        if start == 0:
+            raise BadInput(p.path, p.start + e.start,
+                           f"not UTF-8 text ({e.reason}: byte 0x{raw[e.start]:02x})") from None
+        if p.start == 0:
             parts.append(_EOT)                 # a text file is one document; it starts here
         parts.append(encode(enc, text))
     return np.concatenate(parts).astype(TOKEN_DTYPE) if parts else np.empty(0, TOKEN_DTYPE)
@@ -422,7 +530,8 @@ def _quiet_worker():
 
 def tokenized(units: list[Unit], text_field: str, workers: int) -> Iterator[tuple[Unit, np.ndarray]]:
     """(unit, its tokens) in order, tokenized by `workers` processes, at most 2 units per worker in flight
-    (so memory stays bounded however slow one unit is); in this process when workers == 1."""
+    (however slow one unit is, no more queue up; each unit's size is bounded by plan()); in this process when
+    workers == 1."""
     if workers == 1:
         for u in units:
             yield u, tokenize_unit(u.pieces, text_field)
@@ -445,14 +554,16 @@ def tokenized(units: list[Unit], text_field: str, workers: int) -> Iterator[tupl
 # ---- writing shards -------------------------------------------------------------------------------------
 
 class ShardWriter:
-    """Appends one split's token stream to shards of shard_tokens tokens: `<split>_<index:06d>.bin`, written
-    as `.tmp` and renamed when full (or when the split ends); each completed shard is recorded, with the
-    resume point after it, in `record` (the manifest's entry for the split) and `on_shard` saves the manifest."""
+    """Appends one split's token stream to shards of shard_tokens tokens, `<split>_<index:06d>.bin`, each a
+    shards.ShardFile (written under a temporary name, renamed when full or when the split ends); each completed
+    shard is recorded, with the resume point after it, in `record` (the manifest's entry for the split) and
+    `on_shard` saves the manifest."""
 
     def __init__(self, folder: str, split: str, shard_tokens: int, record: dict, on_shard):
         self.folder, self.split, self.shard_tokens = folder, split, shard_tokens
         self.record, self.on_shard = record, on_shard
-        self.file, self.n, self.max_token, self.documents = None, 0, -1, 0
+        self.shard: Optional[ShardFile] = None
+        self.max_token, self.documents = -1, 0
 
     def _name(self) -> str:
         return f"{self.split}_{len(self.record['shards']):06d}.bin"
@@ -461,49 +572,40 @@ class ShardWriter:
         """Tokens of work unit `unit`, from token `skip` on (a resumed unit's first part is in a shard already)."""
         pos = skip
         while pos < len(tokens):
-            if self.file is None:
-                self.file = open(os.path.join(self.folder, self._name() + ".tmp"), "wb")
-                self.file.write(encode_header(0))          # the count is filled in when the shard is complete
-                self.n, self.max_token, self.documents = 0, -1, 0
-            part = tokens[pos: pos + self.shard_tokens - self.n]
-            self.file.write(part.astype(TOKEN_DTYPE, copy=False).tobytes())
-            self.n += len(part)
+            if self.shard is None:
+                self.shard = ShardFile(os.path.join(self.folder, self._name()))
+                self.max_token, self.documents = -1, 0
+            part = tokens[pos: pos + self.shard_tokens - self.shard.n]
+            self.shard.append(part)
             self.max_token = max(self.max_token, int(part.max()))
             self.documents += int(np.count_nonzero(part == EOT_ID))
             pos += len(part)
-            if self.n == self.shard_tokens:
+            if self.shard.n == self.shard_tokens:
                 self._complete(*((unit, pos) if pos < len(tokens) else (unit + 1, 0)))
 
     def finish(self, n_units: int) -> None:
         """The split's last tokens are in: complete the partial shard, mark the split done."""
-        if self.file is not None:
+        if self.shard is not None:
             self._complete(n_units, 0)
         self.record["resume"], self.record["done"] = {"unit": n_units, "skip": 0}, True
         self.on_shard()
 
     def _complete(self, next_unit: int, next_skip: int) -> None:
-        name = self._name()
-        self.file.seek(0)
-        self.file.write(encode_header(self.n))
-        self.file.flush()
-        os.fsync(self.file.fileno())                     # on disk before its name says it is complete
-        self.file.close()
-        self.file = None
-        os.replace(os.path.join(self.folder, name + ".tmp"), os.path.join(self.folder, name))
-        self.record["shards"].append({"file": name, "tokens": self.n, "documents": self.documents,
+        name, n = self._name(), self.shard.n
+        self.shard.close()
+        self.shard = None
+        self.record["shards"].append({"file": name, "tokens": n, "documents": self.documents,
                                       "max_token": self.max_token})
-        self.record["tokens"] += self.n
+        self.record["tokens"] += n
         self.record["documents"] += self.documents
         self.record["resume"] = {"unit": next_unit, "skip": next_skip}
         self.on_shard()
 
     def abandon(self) -> None:
         """Drop the shard in progress (an error or Ctrl-C): its tokens are written again on resume."""
-        if self.file is not None:
-            path = self.file.name
-            self.file.close()
-            self.file = None
-            os.remove(path)
+        if self.shard is not None:
+            self.shard.abandon()
+            self.shard = None
 
 
 # ---- the job --------------------------------------------------------------------------------------------
@@ -512,10 +614,23 @@ def new_manifest(cfg: PrepareConfig, job: dict, sources: list[Source], units: di
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "complete": False,
             "tokenizer": "gpt2", "eot_token": EOT_ID,
             "shard_format": {"magic": MAGIC, "version": VERSION, "header_bytes": HEADER_BYTES, "dtype": "uint16"},
-            "input": cfg.input, "job": job, "source_mtimes": {s.rel: s.mtime_ns for s in sources},
-            "val_start": None if cut is None else {"source": sources[cut[0]].rel, "byte": cut[1]},
+            "input": cfg.input, "job": job, "source_mtimes": mtimes_of(sources), "plan_version": PLAN_VERSION,
+            "val_start": val_start_entry(sources, cut),
             "splits": {split: {"shards": [], "tokens": 0, "documents": 0, "units": len(units[split]),
                                "resume": {"unit": 0, "skip": 0}, "done": False} for split in SPLITS}}
+
+
+def mtimes_of(sources: list[Source]) -> dict[str, int]:
+    return {s.rel: s.mtime_ns for s in sources}
+
+
+def val_start_entry(sources: list[Source], cut) -> Optional[dict]:
+    return None if cut is None else {"source": sources[cut[0]].rel, "byte": cut[1]}
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, which taskset and container limits narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def summary(manifest: dict) -> str:
@@ -554,8 +669,16 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
                              + ". Write to a new --out (or delete this one to start over)")
         if previous is not None and previous["complete"]:
             open_shard_folder(cfg.out)  # every shard still there, whole
+            if previous.get("source_mtimes") != mtimes_of(sources):  # touched, same sha256: record the new mtimes
+                previous["source_mtimes"] = mtimes_of(sources)     # so that the next run hashes nothing again
+                write_manifest(cfg.out, previous)
             log(f"{cfg.out} is complete already: {summary(previous)}; nothing to do")
             return previous
+        if previous is not None and previous.get("plan_version", 1) != PLAN_VERSION:
+            raise ValueError(f"--out {cfg.out!r} is an unfinished job that another version of tools/prepare_data.py "
+                             f"started (work-unit plan {previous.get('plan_version', 1)}, this one plans "
+                             f"{PLAN_VERSION}): its resume point counts units this version cuts differently. Finish "
+                             f"it with that version, or delete the folder to start over")
         return run_job(cfg, sources, job, previous, log)
     finally:
         held.close()
@@ -564,7 +687,14 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
 def run_job(cfg: PrepareConfig, sources: list[Source], job: dict, previous: Optional[dict], log) -> dict:
     units, cut = plan(sources, cfg)
     manifest = previous or new_manifest(cfg, job, sources, units, cut)
-    manifest["source_mtimes"] = {s.rel: s.mtime_ns for s in sources}
+    planned = {"units": {split: len(units[split]) for split in SPLITS}, "val_start": val_start_entry(sources, cut)}
+    recorded = {"units": {split: manifest["splits"][split]["units"] for split in SPLITS},
+                "val_start": manifest["val_start"]}
+    if planned != recorded:   # same job, same plan version: cannot happen unless the planning code changed
+        raise ValueError(f"--out {cfg.out!r}: this job's plan ({planned}) differs from the one its manifest records "
+                         f"({recorded}), so its resume point would not mean the same bytes; delete the folder to "
+                         f"start over")
+    manifest["source_mtimes"] = mtimes_of(sources)
     for name in os.listdir(cfg.out):                  # an interrupted run's unfinished shard
         if ".tmp" in name:
             os.remove(os.path.join(cfg.out, name))
@@ -575,7 +705,7 @@ def run_job(cfg: PrepareConfig, sources: list[Source], job: dict, previous: Opti
     start = {split: dict(manifest["splits"][split]["resume"]) for split in SPLITS}  # where this run begins
     todo = [u for split in SPLITS for u in units[split][start[split]["unit"]:]]
     resumed = previous is not None and sum(manifest["splits"][s]["tokens"] for s in SPLITS) > 0
-    workers = cfg.workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    workers = cfg.workers or available_cpus()
     workers = max(1, min(workers, len(todo)))         # no idle processes for a small job
     if resumed:
         log(f"resuming {cfg.out}: {summary(manifest)} written; {len(todo)} of "
