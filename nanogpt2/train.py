@@ -55,7 +55,7 @@ from .lora import apply_lora, load_adapter
 from .loss import AUTOCAST_CHOICES, autocast_dtype, lm_loss
 from .model import GPT2LMHeadModel
 from .optim import build_optimizer, build_scheduler
-from .quantization import check_scheme
+from .quantization import DEFAULT_GROUP_SIZE, GROUP_SIZES, check_scheme
 
 # ---- options --------------------------------------------------------------------------------------
 
@@ -89,7 +89,8 @@ class TrainConfig:
                             "mlp.c_proj)", default="c_attn")
     quantize: Optional[str] = flag("int8 or int4: store the --init-from base as integers and train LoRA adapters on "
                                    "it (QLoRA; needs --lora-r; nanogpt2/quantization.py)", default=None)
-    group_size: Optional[int] = flag("int4's group size: 32, 64, 128 (default 64)", default=None)
+    group_size: Optional[int] = flag(f"int4's group size: {', '.join(map(str, GROUP_SIZES))} (default "
+                                     f"{DEFAULT_GROUP_SIZE})", default=None)
     # ---- optimisation -----------------------------------------------------------------------------
     max_steps: int = flag("optimizer steps to train for", default=1000)
     batch_size: int = flag("sequences per micro-batch, per process", default=8)

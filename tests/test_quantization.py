@@ -146,6 +146,7 @@ def test_save_load_round_trip_is_exact(hf_checkpoint, tmp_path, mode, g):
         qc = json.load(f)["quantization_config"]
     assert qc["quant_method"] == "nanogpt2" and qc["mode"] == mode and qc["group_size"] == g
     again = GPT2LMHeadModel.from_pretrained(tmp_path / "q")            # no quantize=: read as saved
+    assert list(model.state_dict()) == list(again.state_dict())
     for (n, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert a.dtype == b.dtype and torch.equal(a, b), n
     ids = torch.randint(0, 101, (2, 9))
@@ -320,3 +321,46 @@ def test_cuda_quantized_model_equals_its_dequantized_self(hf_checkpoint, mode, g
     tol = 1e-3 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(out.float(), ref.float(), atol=tol * ref.abs().max().item(), rtol=tol)
     assert torch.equal(model.generate(ids[:1, :8], max_new_tokens=16, compile=True), decode)   # CUDA graphs
+
+
+def test_int4_group_128_on_a_wider_model_stays_within_its_bound(hf_checkpoint):
+    """Group 128 needs in_features >= 128: a random 128-wide model (the bundled one is 64 wide). Random weights
+    (std 0.02) have tiny logits, so the bound is relative to fp32's logit spread."""
+    path, _ = hf_checkpoint(n_embd=128, n_head=4, vocab_size=1000)
+    ids = torch.randint(0, 1000, (2, 24))
+    ref = GPT2LMHeadModel.from_pretrained(path)(ids).logits
+    out = GPT2LMHeadModel.from_pretrained(path, quantize="int4", group_size=128)(ids).logits
+    assert ((out - ref).norm() / ref.norm()).item() < 0.2
+
+
+def test_kernels_take_the_group_sizes_the_layers_offer():
+    from nanogpt2.kernels.quant_matmul import GROUP_SIZES as KERNEL_GROUP_SIZES
+    from nanogpt2.quantization import GROUP_SIZES
+    assert GROUP_SIZES == KERNEL_GROUP_SIZES
+
+
+@pytest.mark.parametrize("mode,g", SCHEMES)
+def test_residual_decomposition_and_attribution_on_a_quantized_model(hf_checkpoint, mode, g):
+    """Analysis reads dequantized weights (quantization.float_weight), never the integers: each decomposition of
+    a quantized model equals that of its dequantized copy (up to the CPU op's bf16 activations)."""
+    path, _ = hf_checkpoint()
+    ids = torch.randint(0, 101, (2, 10))
+    quantized = GPT2LMHeadModel.from_pretrained(path, quantize=mode, group_size=g)
+    plain = GPT2LMHeadModel.from_pretrained(path, quantize=mode, group_size=g).dequantize()
+    results = []
+    for model in (quantized, plain):
+        _, cache = model.run_with_cache(ids)
+        parts = cache.decompose_resid(pos_slice=-1)                  # (n, B, C) at the last position
+        heads = cache.stack_head_results(1)
+        results.append((parts, heads, cache.logit_attrs(parts, ids[:, -1], pos_slice=-1)))
+    for q, p in zip(*results):
+        torch.testing.assert_close(q, p, atol=0.05 * p.abs().max().item(), rtol=0.05)
+    tok_embed = results[0][0][0]
+    assert tok_embed.abs().max() < 5          # embeddings, not raw integers (which reach 127)
+
+
+def test_compiled_decode_of_a_quantized_model_gives_the_eager_tokens(hf_checkpoint):
+    path, _ = hf_checkpoint()
+    model = GPT2LMHeadModel.from_pretrained(path, quantize="int4", group_size=32)
+    ids = torch.randint(0, 101, (1, 6))
+    assert torch.equal(model.generate(ids, max_new_tokens=10, compile=True), model.generate(ids, max_new_tokens=10))

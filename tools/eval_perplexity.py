@@ -21,6 +21,7 @@ from nanogpt2 import GPT2LMHeadModel
 from nanogpt2.data import load_tokens, tokenize_file
 from nanogpt2.flags import dataclass_parser, flag
 from nanogpt2.perplexity import sliding_window_perplexity
+from nanogpt2.quantization import DEFAULT_GROUP_SIZE, GROUP_SIZES, quantization_config
 
 
 @dataclass
@@ -37,9 +38,10 @@ class EvalConfig:
     device: str = flag("auto, cpu, cuda", default="auto")
     dtype: str = flag("weights dtype: float32, bfloat16, float16, auto (the checkpoint's)", default="float32")
     cache_dir: Optional[str] = flag("token cache directory (see tools/train.py)", default=None)
-    quantize: Optional[str] = flag("int8 or int4: quantize the weights while loading (nanogpt2.quantization); "
-                                   "default: off", default=None)
-    group_size: Optional[int] = flag("int4's group size: 32, 64, 128 (default 64)", default=None)
+    quantize: Optional[str] = flag("int8 or int4: quantize the weights while loading (nanogpt2.quantization)",
+                                   default=None)
+    group_size: Optional[int] = flag(f"int4's group size: {', '.join(map(str, GROUP_SIZES))} (default "
+                                     f"{DEFAULT_GROUP_SIZE})", default=None)
 
 
 def main(argv=None) -> float:
@@ -60,7 +62,8 @@ def main(argv=None) -> float:
     t0 = time.perf_counter()
     ppl, nll, n = sliding_window_perplexity(model, ids, cfg.max_length, cfg.stride, progress=True)
     dt = time.perf_counter() - t0
-    weights = f" ({cfg.quantize})" if cfg.quantize else ""
+    qc = quantization_config(model)   # a quantized checkpoint is scored quantized without --quantize too
+    weights = "" if qc is None else f" ({qc['mode']}" + (f", group {qc['group_size']})" if qc["group_size"] else ")")
     print(f"{cfg.model}{weights} on {cfg.data} (tokens {start:,}..{end:,}): perplexity {ppl:.4f} | nll {nll:.4f} nats/token | "
           f"{n:,} tokens scored | max_length {cfg.max_length or model.config.n_positions}, stride {cfg.stride} | "
           f"{dt:.1f} s")
