@@ -72,6 +72,7 @@ from common import read_bandwidth  # noqa: E402
 from nanogpt2.dtypes import dtype_from_name  # noqa: E402
 from nanogpt2.kernels import int4_linear, int8_linear  # noqa: E402
 from nanogpt2.kernels import quant_matmul  # noqa: E402
+from nanogpt2.quantization import quantize_int4, quantize_int8  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 REL_TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}  # ||y − ref|| / ||ref||
@@ -87,20 +88,14 @@ QUICK_SHAPES = [(64, 48, "tiny"), (128, 35, "tiny odd N")]
 
 
 def make_layer(K, N, dtype, group_size):
-    """A random float layer and its int8 and int4 quantizations (round to nearest; the kernels' formats).
+    """A random float layer and its int8 and int4 quantizations (nanogpt2.quantization's, as the model stores them).
     Returns {impl: (fn(x), weight bytes)} and the fp32 weights each format stands for (for the checks)."""
     torch.manual_seed(0)
     w = torch.randn(N, K, device=DEVICE) * 0.02
-    scales8 = w.abs().amax(1) / 127
-    q8 = torch.round(w / scales8[:, None]).clamp(-127, 127).to(torch.int8)
-    groups = w.view(N, K // group_size, group_size)
-    lo, hi = groups.amin(2), groups.amax(2)
-    scales4 = ((hi - lo) / 15).clamp_min(1e-8)
-    zeros4 = lo + 8 * scales4                        # w = (q − 8)·s + z with q = 0 at the group's minimum
-    q4 = torch.round((groups - lo[..., None]) / scales4[..., None]).clamp(0, 15).to(torch.uint8).view(N, K)
-    packed = (q4[:, 0::2] | (q4[:, 1::2] << 4)).contiguous()
+    # the formats exactly as the model stores them (nanogpt2/quantization.py), scales in `dtype`
+    q8, s8 = quantize_int8(w, dtype)
+    packed, s4, z4 = quantize_int4(w, group_size, dtype)
     w_float = w.to(dtype)
-    s8, s4, z4 = scales8.to(dtype), scales4.to(dtype).contiguous(), zeros4.to(dtype).contiguous()
     impls = {
         f"{OPTS.dtype} F.linear": (lambda x, kernel=None: F.linear(x, w_float),
                                    w_float.numel() * w_float.element_size()),
