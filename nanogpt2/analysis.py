@@ -24,6 +24,8 @@ import torch
 
 from .activations import ActivationCache  # noqa: F401  (re-exported: what run_with_cache returns)
 from .attention_view import attention_html  # noqa: F401  (re-exported: the interactive HTML view)
+from .inputs import check_index  # also the tools' check of --layer and --head
+from .tokenizer import encode, token_label  # noqa: F401  (re-exported: text -> checked ids, a token as a label)
 from .weight_processing import process_weights  # noqa: F401  (re-exported)
 
 VIZ_HINT = "pip install 'nanogpt2[viz]' (or: pip install matplotlib)"
@@ -36,49 +38,7 @@ def add_model_and_text(parser) -> None:
     parser.add_argument("--text", default=DEFAULT_TEXT, help="the text to run (GPT-2 tokenizer)")
 
 
-# ---- tokens -------------------------------------------------------------------------------------
-
-def token_label(token_id: int, tokenizer=None) -> str:
-    """One token as readable text: quoted so a leading space shows (' the'), newlines and other control
-    characters escaped (\\n), and bytes that are only part of a UTF-8 character shown as \\xNN."""
-    if tokenizer is None:
-        from .tokenizer import get_tokenizer
-        tokenizer = get_tokenizer()
-    try:
-        raw = tokenizer.decode_single_token_bytes(int(token_id))
-    except KeyError:  # an id past the tokenizer's 50257 (a model with a padded vocabulary)
-        return f"<{int(token_id)}>"
-    text = raw.decode("utf-8", errors="backslashreplace")
-    escapes = {c: f"\\x{c:02x}" for c in (*range(32), 127)}
-    escapes.update({ord("\n"): "\\n", ord("\t"): "\\t", ord("\r"): "\\r"})
-    text = text.translate(escapes)
-    quote = '"' if "'" in text and '"' not in text else "'"
-    return f"{quote}{text}{quote}"
-
-
-def encode(model, text: str) -> torch.Tensor:
-    """GPT-2-tokenized text as (1, T) ids on the model's device, checked against the model's vocabulary."""
-    from .tokenizer import get_tokenizer
-    if not text:
-        raise ValueError("text is empty: give at least one character to tokenize")
-    ids = get_tokenizer().encode(text, allowed_special="all")
-    V = model.config.vocab_size
-    bad = [i for i in ids if i >= V]
-    if bad:
-        raise ValueError(f"text encodes to token id {bad[0]} ({token_label(bad[0])}), outside this model's "
-                         f"vocabulary [0, {V}): text is tokenized with GPT-2's tokenizer (50257 tokens)")
-    if len(ids) > model.config.n_positions:
-        raise ValueError(f"text is {len(ids)} tokens, more than the model's context n_positions="
-                         f"{model.config.n_positions}")
-    return torch.tensor([ids], device=model.device)
-
-
-def check_index(what: str, value: int, n: int, context: str) -> int:
-    """`value` as an index into n things, or ValueError naming it and the valid range."""
-    if not 0 <= value < n:
-        raise ValueError(f"{what} {value} out of range [0, {n}) ({context})")
-    return value
-
+# ---- positions ----------------------------------------------------------------------------------
 
 def resolve_positions(positions: Optional[Sequence[int]], T: int, what: str = "position") -> list[int]:
     """Token positions as indices in [0, T), negative ones counted from the end as in Python (-1 = last);

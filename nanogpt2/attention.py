@@ -82,6 +82,7 @@ class AttentionMask:
     key_padding: Optional[torch.Tensor] = None
     _dense: Optional[torch.Tensor] = None
     _blocked: Optional[torch.Tensor] = None
+    _bias: Optional[torch.Tensor] = None
     _kv_start: Optional[torch.Tensor] = None
     _left_padded: Optional[bool] = None
     # fixed-shape decode (cache.StaticSlot): int32 (B,) valid positions per row, the keys being the whole buffer
@@ -140,6 +141,20 @@ class AttentionMask:
                 dense = torch.ones(self.q_len, self.kv_len, dtype=torch.bool, device=device).tril()
             self._blocked = None if dense is None else ~dense
         return self._blocked
+
+    def bias(self, device, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """blocked() as an additive mask of `dtype`: finfo(dtype).min where a query may not look, 0 elsewhere (None
+        when every query sees every key); made once per forward, like blocked(). Adding it is the eager path's
+        masked_fill_ without the bool broadcast (half the time): in fp32 and bf16 a masked score becomes finfo.min
+        exactly (a real score is far below the rounding step there); in fp16 it lands at or near finfo.min, or at
+        -inf, and softmax gives 0 all the same, as no query is ever masked from every key."""
+        blocked = self.blocked(device)
+        if blocked is None:
+            return None
+        if self._bias is None or self._bias.dtype != dtype:
+            bias = torch.zeros(blocked.shape, dtype=dtype, device=device)
+            self._bias = bias.masked_fill_(blocked, torch.finfo(dtype).min)
+        return self._bias
 
     def padding_queries(self) -> Optional[torch.Tensor]:
         """(B, 1, q_len, 1) bool, True where the query itself is padding; None when no query is. A fixed-shape
@@ -209,13 +224,28 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Attention
 
 def _eager(q, k, v, mask, scale, dropout_p, upcast, probs_hook=None):
     if upcast:  # transformers' _upcast_and_reordered_attn: scale folded in before an fp32 matmul
-        scores = torch.matmul(q.float() * scale, k.float().transpose(-1, -2))
+        scores, scale = torch.matmul(q.float() * scale, k.float().transpose(-1, -2)), 1.0
     else:
-        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)              # (B, H, T, S)
-    blocked = mask.blocked(q.device)
-    if blocked is not None:   # in place: scores is ours, and neither matmul nor a scalar mul saves it for backward
-        scores.masked_fill_(blocked, torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+        scores = torch.matmul(q, k.transpose(-1, -2))                          # (B, H, T, S)
+    if scores.device.type == "cpu" and not scores.requires_grad:
+        # One buffer, two passes: bias + scale * scores, then the softmax over itself. On CPU a second buffer costs
+        # more than its bandwidth (fresh pages are faulted in: 48 MB a layer at T = 1024 for GPT-2 small), and
+        # run_with_cache keeps every layer's probabilities, so none is reused (BENCHMARKS.md, "Cost of the hook
+        # points"). The same probabilities as the path below, bit for bit in fp32 (tests/test_hooks.py).
+        bias = mask.bias(q.device, scores.dtype)
+        if bias is not None:
+            torch.add(bias, scores, alpha=scale, out=scores)
+        elif scale != 1.0:
+            scores.mul_(scale)
+        probs = torch.softmax(scores, dim=-1, out=scores)
+    else:  # autograd: in place up to the softmax (neither matmul nor a scalar mul saves its output for backward)
+        if scale != 1.0:
+            scores.mul_(scale)
+        blocked = mask.blocked(q.device)
+        if blocked is not None:
+            scores.masked_fill_(blocked, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores, dim=-1)
+    probs = probs.to(v.dtype)
     pad = mask.padding_queries()
     if pad is not None:   # a padding query attends to nothing (see AttentionMask)
         probs = probs.masked_fill(pad, 0.0)

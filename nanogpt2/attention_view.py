@@ -14,11 +14,13 @@ Everything is inline: the data as JSON, the CSS, and a script that paints <canva
 network, no file beside it. Tokens are strings from outside, so they are kept text all the way: they reach the
 page as JSON inside <script type="application/json"> with <, > and & written as \\u003c, \\u003e, \\u0026 (a
 token "</script>" cannot end the element), and the script puts them in the page with textContent, never as
-markup. In the readout a token is quoted as a JSON string, so a leading space, a quote or a newline shows.
+markup. In the readout a token is quoted as every tool labels tokens (tokenizer.quote_token: ' the', '\\n'), so a
+leading space or a newline shows.
 
 Size: the causal triangle of each head, 4 decimals a weight, about 3.4 * H * T^2 bytes: 12 heads of 256 tokens
 make a 2.7 MB page, of 1024 (GPT-2 small's whole context) 43 MB. Made for the tens to hundreds of tokens one reads.
-This module imports nothing from analysis.py, which re-exports attention_html (a cycle otherwise).
+Text, token texts and labels come from tokenizer.py and the index checks from inputs.py, as in the other tools;
+analysis.py re-exports attention_html.
 """
 from __future__ import annotations
 
@@ -29,23 +31,10 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .inputs import check_mask_shape, check_token_ids
-from .tokenizer import get_tokenizer
+from .inputs import check_index, check_mask_shape, check_token_ids
+from .tokenizer import encode, quote_token, token_texts  # noqa: F401  (token_texts: importable from here too)
 
 DECIMALS = 4  # weights stored in the page; the readout shows 3
-
-
-def token_texts(ids: Sequence[int], tokenizer=None) -> list[str]:
-    """Each token's own text, as it reads in the running text (' the' keeps its space). Bytes that are only part
-    of a UTF-8 character become U+FFFD; an id past the tokenizer's 50257 (a padded vocabulary) is '<id>'."""
-    tokenizer = tokenizer or get_tokenizer()
-    texts = []
-    for i in ids:
-        try:
-            texts.append(tokenizer.decode_single_token_bytes(int(i)).decode("utf-8", errors="replace"))
-        except KeyError:
-            texts.append(f"<{int(i)}>")
-    return texts
 
 
 @torch.no_grad()
@@ -54,7 +43,7 @@ def attention_html(model, inputs: Union[str, torch.Tensor, Sequence[int]], layer
                    title: Optional[str] = None) -> str:
     """The interactive view of `layer`'s attention heads over `inputs`, as the text of an HTML page.
 
-    inputs: text (GPT-2 tokenizer, get_tokenizer()), or token ids (T,) or (B, T).
+    inputs: text (GPT-2 tokenizer: tokenizer.encode), or token ids (T,) or (B, T).
     layer: block index in [0, n_layer).
     attention_mask: (B, T) 0/1 for a padded batch (left padding, as generate() takes it; right works too).
     row: which sequence of a batch to show. Its padding positions (mask 0) are dropped, so the page shows only
@@ -62,18 +51,14 @@ def attention_html(model, inputs: Union[str, torch.Tensor, Sequence[int]], layer
     title: the page's heading; default 'layer L, H heads, T tokens'.
     """
     cfg = model.config
-    if not 0 <= layer < cfg.n_layer:
-        raise ValueError(f"layer {layer} out of range [0, {cfg.n_layer}) (this model has {cfg.n_layer} layers)")
+    check_index("layer", layer, cfg.n_layer, f"this model has {cfg.n_layer} layers")
     if isinstance(inputs, str):
-        if not inputs:
-            raise ValueError("text is empty: give at least one character to tokenize")
-        inputs = get_tokenizer().encode(inputs, allowed_special="all")
+        inputs = encode(model, inputs)  # (1, T)
     if not isinstance(inputs, torch.Tensor):
         inputs = torch.tensor(inputs)
     ids = check_token_ids(inputs, cfg.vocab_size).to(model.device)  # (B, T); forward checks the length
     B, T = ids.shape
-    if not 0 <= row < B:
-        raise ValueError(f"row {row} out of range [0, {B}) (the batch has {B} sequences)")
+    check_index("row", row, B, f"the batch has {B} sequences")
     if attention_mask is not None:
         attention_mask = check_mask_shape(attention_mask, (B, T), "batch, tokens").to(model.device)
 
@@ -104,7 +89,7 @@ def attention_page(probs: torch.Tensor, tokens: Sequence[str], title: str = "") 
     rounded = ((probs * scale).round() / scale).tolist()
     data = {
         "tokens": list(tokens),
-        "labels": [json.dumps(t, ensure_ascii=False) for t in tokens],  # ' the' -> "\" the\"", '\n' -> "\"\\n\""
+        "labels": [quote_token(t) for t in tokens],  # ' the' -> "' the'", '\n' -> "'\\n'"
         "heads": [[r[: q + 1] for q, r in enumerate(head)] for head in rounded],  # head -> query -> keys 0..q
     }
     fields = {"title": html.escape(title), "data": _script_json(data)}

@@ -1,5 +1,6 @@
-"""Checks on what a caller hands the model: token ids and attention masks. One copy of each rule, called by
-`forward` (model.py) and `generate` (generation.py), so both refuse the same inputs with the same words."""
+"""Checks on what a caller hands the model: token ids, attention masks and indices (a layer, a head, a row). One
+copy of each rule, called by `forward` (model.py), `generate` (generation.py) and the analysis tools, so all refuse
+the same inputs with the same words."""
 from __future__ import annotations
 
 import torch
@@ -43,3 +44,12 @@ def check_mask_shape(mask, shape: tuple[int, int], what: str) -> torch.Tensor:
         raise ValueError(f"attention_mask must be 2-D ({what}) = {tuple(shape)} of 0/1, got shape "
                          f"{tuple(mask.shape)}")
     return mask
+
+
+def check_index(what: str, value: int, n: int, context: str) -> int:
+    """`value` as an index into n things (a layer, a head, a row of a batch), or ValueError naming it and the valid
+    range: check_index("layer", 4, 4, "this model has 4 layers") -> 'layer 4 out of range [0, 4) (this model has
+    4 layers)'."""
+    if not 0 <= value < n:
+        raise ValueError(f"{what} {value} out of range [0, {n}) ({context})")
+    return value

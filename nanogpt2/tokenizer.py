@@ -1,4 +1,6 @@
-"""The GPT-2 tokenizer: tiktoken's "gpt2" encoding, built offline from the BPE files shipped in the package.
+"""The GPT-2 tokenizer: tiktoken's "gpt2" encoding, built offline from the BPE files shipped in the package,
+and the few rules every tool shares for going between text and a model's token ids: encode (text -> checked ids),
+token_text (a token's own text) and token_label (a token as a readable, quoted label).
 
 tiktoken.get_encoding("gpt2") downloads encoder.json and vocab.bpe on first use; we ship those two files
 (nanogpt2/assets/gpt2-bpe/, byte-identical to OpenAI's release, MIT licence) and check their sha256
@@ -9,8 +11,10 @@ from __future__ import annotations
 import hashlib
 import os
 from functools import lru_cache
+from typing import Iterable, Optional
 
 import tiktoken
+import torch
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
 BPE_DIR = os.path.join(os.path.dirname(__file__), "assets", "gpt2-bpe")
@@ -23,6 +27,8 @@ SHA256 = {  # tiktoken_ext/openai_public.py
 PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 EOT = "<|endoftext|>"
 EOT_ID = 50256
+# how a label shows control characters: \n \t \r by name, the others (and DEL) as \xNN
+LABEL_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(32), 127)} | {ord("\n"): "\\n", ord("\t"): "\\t", ord("\r"): "\\r"}
 
 
 def _checked(name: str) -> str:
@@ -44,3 +50,59 @@ def get_tokenizer() -> tiktoken.Encoding:
                                             encoder_json_file=_checked("encoder.json"))
     return tiktoken.Encoding(name="gpt2", pat_str=PAT_STR, mergeable_ranks=ranks,
                              special_tokens={EOT: EOT_ID}, explicit_n_vocab=50257)
+
+
+def encode(model, text: str) -> torch.Tensor:
+    """GPT-2-tokenized text as (1, T) ids on the model's device, checked against the model's vocabulary and
+    context (model: anything with .config.vocab_size, .config.n_positions and .device). <|endoftext|> in the
+    text is the special token."""
+    if not text:
+        raise ValueError("text is empty: give at least one character to tokenize")
+    ids = get_tokenizer().encode(text, allowed_special="all")
+    V = model.config.vocab_size
+    bad = [i for i in ids if i >= V]
+    if bad:
+        raise ValueError(f"text encodes to token id {bad[0]} ({token_label(bad[0])}), outside this model's "
+                         f"vocabulary [0, {V}): text is tokenized with GPT-2's tokenizer (50257 tokens)")
+    if len(ids) > model.config.n_positions:
+        raise ValueError(f"text is {len(ids)} tokens, more than the model's context n_positions="
+                         f"{model.config.n_positions}")
+    return torch.tensor([ids], device=model.device)
+
+
+def _token_bytes(token_id: int, tokenizer) -> Optional[bytes]:
+    """The token's bytes, or None for an id past the tokenizer's 50257 (a model with a padded vocabulary)."""
+    try:
+        return (tokenizer or get_tokenizer()).decode_single_token_bytes(int(token_id))
+    except KeyError:
+        return None
+
+
+def token_text(token_id: int, tokenizer=None) -> str:
+    """One token's own text, as it reads in the running text (' the' keeps its space). Bytes that are only part
+    of a UTF-8 character become U+FFFD; an id past the tokenizer's 50257 (a padded vocabulary) is '<id>'."""
+    raw = _token_bytes(token_id, tokenizer)
+    return f"<{int(token_id)}>" if raw is None else raw.decode("utf-8", errors="replace")
+
+
+def token_texts(ids: Iterable[int], tokenizer=None) -> list[str]:
+    """token_text of each id: joined, they are the decoded text (where no character is split across tokens)."""
+    return [token_text(i, tokenizer) for i in ids]
+
+
+def quote_token(text: str) -> str:
+    """A token's text as a label: quoted so a leading space shows (' the'), newlines and other control
+    characters escaped (\\n)."""
+    text = text.translate(LABEL_ESCAPES)
+    quote = '"' if "'" in text and '"' not in text else "'"
+    return f"{quote}{text}{quote}"
+
+
+def token_label(token_id: int, tokenizer=None) -> str:
+    """One token as readable text: quoted so a leading space shows (' the'), newlines and other control
+    characters escaped (\\n), and bytes that are only part of a UTF-8 character shown as \\xNN.
+    An id past the tokenizer's 50257 (a padded vocabulary) is <id>."""
+    raw = _token_bytes(token_id, tokenizer)
+    if raw is None:
+        return f"<{int(token_id)}>"
+    return quote_token(raw.decode("utf-8", errors="backslashreplace"))

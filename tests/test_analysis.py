@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import make_hf_model
-from nanogpt2 import GPT2LMHeadModel, GPT2Model, get_tokenizer
+from nanogpt2 import GPT2LMHeadModel, GPT2Model
 from nanogpt2.analysis import (attention_maps, encode, format_logit_lens, logit_lens, logit_lens_top_k,
                                plot_attention, token_label)
 
@@ -115,19 +115,11 @@ def test_logit_lens_tool_prints_the_models_prediction_last(gpt2_vocab_checkpoint
 
 # ---- tokens ------------------------------------------------------------------------------------
 
-def test_token_labels_show_spaces_newlines_and_partial_characters():
-    tok = get_tokenizer()
-    assert token_label(tok.encode(" Citizen")[0]) == "' Citizen'"
-    assert token_label(tok.encode("\n")[0]) == "'\\n'"
-    assert token_label(tok.encode_single_token(b"\xe2\x80")) == "'\\xe2\\x80'"  # half of a UTF-8 character
-    assert token_label(tok.encode_single_token(b"'s")) == "\"'s\""
-    assert token_label(50300) == "<50300>"  # past the tokenizer: a padded vocabulary
-
-
-def test_text_outside_the_models_vocabulary_is_named(hf_checkpoint):
-    directory, _ = hf_checkpoint(seed=0)  # vocab_size 101
-    with pytest.raises(ValueError, match=r"token id \d+ \('.*'\), outside this model's vocabulary \[0, 101\)"):
-        encode(GPT2LMHeadModel.from_pretrained(directory), "Hello world")
+def test_token_helpers_are_the_tokenizers():
+    """encode and token_label live in tokenizer.py (tests/test_tokenizer.py); analysis keeps offering them."""
+    import nanogpt2.analysis as analysis
+    import nanogpt2.tokenizer as tokenizer
+    assert analysis.encode is tokenizer.encode and analysis.token_label is tokenizer.token_label
 
 
 # ---- attention maps ----------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import torch
 
 from nanogpt2 import GPT2LMHeadModel, get_tokenizer
 from nanogpt2.attention_view import attention_html, attention_page, token_texts
+from nanogpt2.tokenizer import quote_token
 
 TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
 TEXT = "ROMEO:\nBut soft, what light through yonder window breaks?"
@@ -55,7 +56,7 @@ def test_page_holds_the_models_weights_and_tokens(model):
     probs = pattern(model, ids, 2)[0]  # (H, T, T)
     T = ids.shape[1]
     assert data["tokens"] == token_texts(ids[0].tolist()) and "".join(data["tokens"]) == TEXT
-    assert data["labels"][3] == '"\\n"' and data["labels"][5] == '" soft"'  # JSON-quoted: a newline shows
+    assert data["labels"][3] == "'\\n'" and data["labels"][5] == "' soft'"  # as every tool labels tokens
     assert [len(r) for r in data["heads"][0]] == list(range(1, T + 1))  # causal triangle: keys 0..q
     for h in range(probs.shape[0]):
         for q in range(T):
@@ -277,7 +278,7 @@ def test_hover_reads_query_key_and_weight_in_a_browser(model, browser, tmp_path)
 
     texts = token_texts(ids[0].tolist())
     hover_cell(browser, "#big", q, k, T)
-    assert readout(browser)[:5] == (head, q, json.dumps(texts[q]), k, json.dumps(texts[k]))
+    assert readout(browser)[:5] == (head, q, quote_token(texts[q]), k, quote_token(texts[k]))
     assert abs(readout(browser)[5] - float(probs[head, q, k])) < 6e-4  # 3 decimals of a 4-decimal page value
     weights = browser.js("[...document.querySelectorAll('#tokens span[data-pos]')].map(s => s.dataset.weight)")
     for i in range(T):  # the token view: keys 0..q coloured by the query's weights, later tokens blank
@@ -288,7 +289,7 @@ def test_hover_reads_query_key_and_weight_in_a_browser(model, browser, tmp_path)
     assert browser.js("document.querySelector('#tokens span.query').dataset.pos") == str(q)
 
     hover_cell(browser, '#grid figure[data-head="0"] canvas', 5, 5, T)  # the thumbnails read out too
-    assert readout(browser)[:4] == (0, 5, json.dumps(texts[5]), 5)
+    assert readout(browser)[:4] == (0, 5, quote_token(texts[5]), 5)
 
     hover_cell(browser, "#big", 12, 4, T)  # leave the mouse on a cell for the picture
     png = browser.screenshot(str(tmp_path / "view.png"))
@@ -309,6 +310,6 @@ def test_hostile_tokens_render_as_text_in_a_browser(browser, tmp_path):
     assert browser.js("document.querySelectorAll('b').length") == 0  # "<b>x</b>" stayed text
     assert browser.js("document.getElementById('tokens').textContent") == "".join(tokens).replace("\n", "↵\n")
     hover_cell(browser, "#big", 3, 0, T)
-    assert readout(browser) == (0, 3, json.dumps("&amp;"), 0, json.dumps("</script>"), 0.25)
+    assert readout(browser) == (0, 3, "'&amp;'", 0, "'</script>'", 0.25)
     hover_cell(browser, "#big", 2, 1, T)
-    assert readout(browser)[2:5] == (json.dumps("<b>x</b>"), 1, '"\\""')
+    assert readout(browser)[2:5] == ("'<b>x</b>'", 1, "'\"'")

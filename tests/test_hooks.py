@@ -63,6 +63,23 @@ def test_pattern_from_fused_backends(pair, backend):
     torch.testing.assert_close(logits, eager_logits, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("config", [{}, dict(scale_attn_by_inverse_layer_idx=True),
+                                    dict(reorder_and_upcast_attn=True, scale_attn_weights=False)])
+def test_patterns_without_autograd_equal_those_with_it(hf_checkpoint, config):
+    """Without autograd (on CPU) the eager path scales, masks and softmaxes in the scores' own buffer (one buffer a
+    layer, not two); with autograd it cannot. Both give the same bits, on a padded batch too (padding queries,
+    masked keys), with scales that are not powers of two (1 / (sqrt(D) (layer + 1))) and with upcasting."""
+    directory, _ = hf_checkpoint(seed=7, n_layer=3, n_embd=48, n_head=3, **config)
+    ours = GPT2LMHeadModel.from_pretrained(directory)
+    ids, mask = batch()
+    logits, with_grad = ours.run_with_cache(ids, attention_mask=mask)
+    assert logits.requires_grad  # the scores needed a backward: the out-of-place path ran
+    with torch.inference_mode():
+        _, without = ours.run_with_cache(ids, attention_mask=mask)
+    for name in with_grad:
+        assert torch.equal(with_grad[name], without[name]), name
+
+
 def test_run_with_cache_with_kv_cache(pair):
     ours, _ = pair
     ids = torch.tensor([[3, 1, 4, 1, 5, 9]])

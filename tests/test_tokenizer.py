@@ -1,10 +1,12 @@
-"""The shipped tokenizer: tiktoken "gpt2" built offline, identical to transformers' GPT-2 tokenizer."""
+"""The shipped tokenizer: tiktoken "gpt2" built offline, identical to transformers' GPT-2 tokenizer; and the text <->
+token rules the tools share (encode, token_text, token_label)."""
 import shutil
 
 import pytest
 
 import nanogpt2.tokenizer as tok
-from nanogpt2 import get_tokenizer
+from nanogpt2 import GPT2LMHeadModel, get_tokenizer
+from nanogpt2.tokenizer import encode, quote_token, token_label, token_text, token_texts
 
 TEXTS = [
     "Hello world",
@@ -52,3 +54,35 @@ def test_corrupt_bpe_file_is_detected(monkeypatch):
     monkeypatch.setitem(tok.SHA256, "vocab.bpe", "0" * 64)
     with pytest.raises(ValueError, match=r"vocab\.bpe is corrupt: sha256"):
         tok._checked("vocab.bpe")
+
+
+# ---- the rules the tools share -----------------------------------------------------------------------------
+
+def test_token_labels_show_spaces_newlines_and_partial_characters():
+    enc = get_tokenizer()
+    assert token_label(enc.encode(" Citizen")[0]) == "' Citizen'"
+    assert token_label(enc.encode("\n")[0]) == "'\\n'"
+    assert token_label(enc.encode_single_token(b"\xe2\x80")) == "'\\xe2\\x80'"  # half of a UTF-8 character
+    assert token_label(enc.encode_single_token(b"'s")) == "\"'s\""
+    assert token_label(50300) == "<50300>"  # past the tokenizer: a padded vocabulary
+    assert quote_token("a\tb\x01") == "'a\\tb\\x01'"
+
+
+def test_token_texts_join_into_the_text():
+    text = "ROMEO:\nBut soft, naïve café"
+    assert "".join(token_texts(get_tokenizer().encode(text))) == text  # no character split across tokens here
+    assert token_text(get_tokenizer().encode_single_token(b"\xe2\x80")) == "\ufffd"  # a partial character
+    assert token_text(50300) == "<50300>"
+
+
+def test_encode_checks_text_against_the_model(hf_checkpoint):
+    model = GPT2LMHeadModel.from_pretrained("shakespeare-tiny")  # the GPT-2 vocabulary, 256 positions
+    ids = encode(model, "a<|endoftext|>b")
+    assert ids.tolist() == [[64, 50256, 65]] and ids.device == model.device
+    with pytest.raises(ValueError, match="text is empty"):
+        encode(model, "")
+    with pytest.raises(ValueError, match=r"text is 300 tokens, more than the model's context n_positions=256"):
+        encode(model, " a" * 300)
+    directory, _ = hf_checkpoint(seed=0)  # vocab_size 101
+    with pytest.raises(ValueError, match=r"token id \d+ \('.*'\), outside this model's vocabulary \[0, 101\)"):
+        encode(GPT2LMHeadModel.from_pretrained(directory), "Hello world")
