@@ -163,10 +163,11 @@ class ActivationCache(MutableMapping):
         input_ids, inputs_embeds, token_type_ids = self._token_inputs
         if input_ids is None and inputs_embeds is None:
             return [embed], ["embed"]
-        wte = float_weight(self._wte)                                   # dequantized if quantized
-        tok = inputs_embeds if input_ids is None else wte[input_ids.to(wte.device)]
+        wte = self._wte                  # the module: a quantized one dequantizes only the rows it gathers
+        device = next(wte.parameters()).device
+        tok = inputs_embeds if input_ids is None else wte(input_ids.to(device))
         if token_type_ids is not None:   # GPT-2 reuses wte for segments (model.py): a token-side term
-            tok = tok + wte[token_type_ids.to(wte.device)]
+            tok = tok + wte(token_type_ids.to(device))
         tok = _take(tok.to(embed.device, embed.dtype), pos_slice)
         # position rows by difference: wpe(position_ids) without re-deriving the positions (model.py's rule)
         return [tok, embed - tok], ["tok_embed", "pos_embed"]

@@ -227,11 +227,12 @@ def _eager(q, k, v, mask, scale, dropout_p, upcast, probs_hook=None):
         scores, scale = torch.matmul(q.float() * scale, k.float().transpose(-1, -2)), 1.0
     else:
         scores = torch.matmul(q, k.transpose(-1, -2))                          # (B, H, T, S)
-    if scores.device.type == "cpu" and not scores.requires_grad:
+    if scores.device.type == "cpu" and not scores.requires_grad and scores.dtype == torch.float32:
         # One buffer, two passes: bias + scale * scores, then the softmax over itself. On CPU a second buffer costs
         # more than its bandwidth (fresh pages are faulted in: 48 MB a layer at T = 1024 for GPT-2 small), and
         # run_with_cache keeps every layer's probabilities, so none is reused (BENCHMARKS.md, "Cost of the hook
-        # points"). The same probabilities as the path below, bit for bit in fp32 (tests/test_hooks.py).
+        # points"). The same probabilities as the path below, bit for bit in fp32 (tests/test_hooks.py). fp32 only:
+        # torch.add rounds `alpha` to the tensor's dtype, so in fp16/bf16 a scale such as 1/12 would change.
         bias = mask.bias(q.device, scores.dtype)
         if bias is not None:
             torch.add(bias, scores, alpha=scale, out=scores)

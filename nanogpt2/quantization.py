@@ -300,8 +300,10 @@ class QuantizedEmbedding(nn.Module):
 def float_weight(module: nn.Module) -> torch.Tensor:
     """The float weight a linear or embedding computes with, quantized or not: what analysis code that reads
     weights (activations.py's head results, logit attribution) must use instead of `.weight`."""
-    if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
-        return dequantize_rows(module.qweight, module.scales, module.zeros, module.group_size, module.scales.dtype)
+    if isinstance(module, QuantizedLinear):
+        return module.dequantized_weight()
+    if isinstance(module, QuantizedEmbedding):
+        return module(torch.arange(module.num_embeddings, device=module.qweight.device))
     return module.weight
 
 
