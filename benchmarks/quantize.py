@@ -9,12 +9,14 @@ on rounding; --model for a checkpoint), batch 1, greedy, prompt 16 tokens. Decod
 of `generate` with N and 1 new tokens, so prefill, setup and nanogpt2's one-off weight packing cancel;
 compile=True rows are compiled before timing. Every row runs alternately with every other (common.paired). Rows:
   nanogpt2 fp32 / bf16 / int8 / int4-g<group>, each eager (the default generate) and compile=True
-  transformers fp32 (its default generate, sdpa attention)
-  transformers + torchao int8 weight-only: through TorchAoConfig(Int8WeightOnlyConfig()), timed only if it
-    quantizes something (on GPT-2 it quantizes nothing: the blocks' Conv1D layers are not nn.Linear and the tied
-    lm_head is skipped; the row says so); and torchao.quantization.quantize_(Int8WeightOnlyConfig()) on the model
-    with its Conv1D layers swapped for nn.Linear (what a user has to do), eager, with cache_implementation=
-    "static", and static + torch.compile of its forward (torchao's own inductor settings).
+  hf fp32: transformers' default generate (sdpa attention)
+  hf+torchao int8: transformers + torchao's Int8WeightOnlyConfig. Through transformers' TorchAoConfig, timed only
+    if it quantizes something (on GPT-2 it quantizes nothing: the blocks' Conv1D layers are not nn.Linear and the
+    tied lm_head is skipped; the row says so); then torchao.quantization.quantize_ on the model with its Conv1D
+    layers swapped for nn.Linear (what a user has to do): eager; cache_implementation="static"; static +
+    torch.compile of its forward (torchao sets its recommended inductor options); and the same with bf16
+    activations (a bf16 model; torchao's int8 x bf16 path), compiled plainly and with inductor's freezing +
+    max-autotune (nanogpt2.compiled.CPU_COMPILE_OPTIONS, what nanogpt2's own CPU step uses).
   A row that cannot run says "failed: <reason>" (or "torchao not installed"); none is skipped silently.
 Columns:
   tok/s, ms/tok  decode only, B=1
@@ -23,7 +25,7 @@ Columns:
            an embedding tied to a quantized head, or untied from it, is read one row per token (not counted)
   x floor  ms/tok / (MB/tok / read bandwidth): 1.0 = the step streams its weights as fast as torch.sum reads
            memory; the bandwidth is the best of a measurement before and one after the timing
-  vs fp32c tok/s / nanogpt2 fp32 compiled tok/s;  vs ao: tok/s / the fastest working torchao mode's tok/s
+  vs fp32c tok/s / nanogpt2 fp32 compiled tok/s;  vs ao: tok/s / the fastest working hf+torchao row's tok/s
 Correctness before speed: fp32 rows must produce nanogpt2 fp32's tokens exactly; every other row's tokens must each
 be a greedy choice (to within common.NEAR_TIE of the logit spread) of a float32 model holding the same rounded
 weights (bf16: the fp32 model; int8/int4: nanogpt2.dequantize() of a copy; torchao: its weights dequantized).
@@ -59,6 +61,7 @@ from common import QUICK_CONFIG, Table, base_parser, check_greedy, machine_line,
 
 import nanogpt2
 from nanogpt2 import GPT2Config, GPT2LMHeadModel
+from nanogpt2.compiled import CPU_COMPILE_OPTIONS
 from nanogpt2.data import load_tokens, tokenize_file
 from nanogpt2.files import resolve
 from nanogpt2.perplexity import sliding_window_perplexity
@@ -70,6 +73,7 @@ SCHEMES = ("fp32", "bf16", "int8", "int4")
 QUALITY_GROUPS = (32, 64, 128)
 BUNDLED = "shakespeare-tiny"
 TEXT = os.path.join(os.path.dirname(nanogpt2.__file__), "assets", "data", "tinyshakespeare.txt")
+STATIC = {"cache_implementation": "static"}
 VAL_FRACTION, PPL_STRIDE = 0.1, 256     # tools/eval_perplexity.py --val-fraction 0.1 --stride 256
 SMALL = 200e6                           # presets above this many parameters get the reduced default plan
 
@@ -221,59 +225,64 @@ def build_rows(args, path, ids, n, plan) -> list:
 
 
 def peer_rows(path, ids, n, ref, eos, compile_forward: bool) -> dict:
-    """transformers fp32, and transformers + torchao int8 weight-only in each mode that works."""
+    """transformers fp32, and transformers + torchao int8 weight-only in each mode that works (module doc)."""
     transformers = hf_quiet()
     directory = resolve(path).directory
     rows = {}
 
-    def hf_model():
-        return transformers.GPT2LMHeadModel.from_pretrained(directory, dtype=torch.float32,
-                                                            attn_implementation="sdpa").eval()
+    def hf_model(dtype=torch.float32):
+        return transformers.GPT2LMHeadModel.from_pretrained(directory, dtype=dtype, attn_implementation="sdpa").eval()
 
     hf = hf_model()
-    rows["transformers fp32"] = first_call(Row("transformers fp32", hf, hf_run(hf, eos), group="hf"), ids, n, ref=ref)
-    names = ["transformers+torchao int8 TorchAoConfig", "transformers+torchao int8 eager",
-             "transformers+torchao int8 static", "transformers+torchao int8 static+compile"]
+    rows["hf fp32"] = first_call(Row("hf fp32", hf, hf_run(hf, eos), group="hf"), ids, n, ref=ref)
+    via_config = "hf+torchao int8 TorchAoConfig"
+    # (row, activation dtype, generate's cache, torch.compile options of its forward or None for eager)
+    modes = [("hf+torchao int8 eager", torch.float32, {}, None),
+             ("hf+torchao int8 static", torch.float32, STATIC, None),
+             ("hf+torchao int8 static+compile", torch.float32, STATIC, {}),
+             ("hf+torchao int8 bf16 static+compile", torch.bfloat16, STATIC, {}),
+             ("hf+torchao int8 bf16 static+compile(frozen)", torch.bfloat16, STATIC, CPU_COMPILE_OPTIONS)]
     try:
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
     except ImportError:
-        return {**rows, **{k: failed_row(k, "torchao not installed", "torchao") for k in names}}
-
-    # 1. transformers' own route
-    name = names[0]
+        return {**rows, **{k: failed_row(k, "torchao not installed", "torchao") for k in [via_config] + [m[0] for m
+                                                                                                    in modes]}}
+    # transformers' own route
     try:
-        viacfg = transformers.GPT2LMHeadModel.from_pretrained(
+        model = transformers.GPT2LMHeadModel.from_pretrained(
             directory, dtype=torch.float32, attn_implementation="sdpa",
             quantization_config=transformers.TorchAoConfig(Int8WeightOnlyConfig())).eval()
-        k = count_torchao(viacfg)
-        if k == 0:
-            rows[name] = failed_row(name, f"it quantized 0 of the {len(conv_like(hf))} weight matrices (GPT-2's "
-                                          "Conv1D is not nn.Linear; the tied lm_head is skipped)", "torchao")
+        if count_torchao(model) == 0:
+            rows[via_config] = failed_row(via_config, f"it quantized 0 of the {len(conv_like(hf))} weight matrices "
+                                          "(GPT-2's Conv1D is not nn.Linear; the tied lm_head is skipped)", "torchao")
         else:
-            rows[name] = first_call(Row(name, viacfg, hf_run(viacfg, eos), group="torchao"), ids, n,
-                                    judge=torchao_dequantized(viacfg))
+            rows[via_config] = first_call(Row(via_config, model, hf_run(model, eos), group="torchao"), ids, n,
+                                          judge=torchao_dequantized(model).float())
     except Exception as e:
-        rows[name] = failed_row(name, e, "torchao")
+        rows[via_config] = failed_row(via_config, e, "torchao")
 
-    # 2. quantize_ on the Linear version: eager, static cache, static cache + compiled forward
-    try:
-        ao = conv1d_to_linear(hf_model())
-        quantize_(ao, Int8WeightOnlyConfig())
-    except Exception as e:
-        return {**rows, **{k: failed_row(k, e, "torchao") for k in names[1:]}}
-    print(f"# torchao quantize_ on the nn.Linear version: {count_torchao(ao)} Int8Tensor weights", flush=True)
-    judge = torchao_dequantized(ao)
-    rows[names[1]] = first_call(Row(names[1], ao, hf_run(ao, eos), group="torchao"), ids, n, judge=judge)
-    rows[names[2]] = first_call(Row(names[2], ao, hf_run(ao, eos, cache_implementation="static"), group="torchao"),
-                                ids, n, judge=judge)
-    if not compile_forward:
-        rows[names[3]] = failed_row(names[3], "not run in --quick (its compile takes 30+ s)", "torchao")
-        return rows
-    aoc = conv1d_to_linear(hf_model())
-    quantize_(aoc, Int8WeightOnlyConfig())
-    aoc.forward = torch.compile(aoc.forward)
-    rows[names[3]] = first_call(Row(names[3], aoc, hf_run(aoc, eos, cache_implementation="static"),
-                                    group="torchao"), ids, n, judge=judge)
+    # quantize_ on the nn.Linear version: one model per activation dtype for the eager modes, one per compiled mode
+    eager, judges = {}, {}
+    for name, dtype, cache, options in modes:
+        if options is not None and not compile_forward:
+            rows[name] = failed_row(name, "not run in --quick (its compile takes 30+ s)", "torchao")
+            continue
+        try:
+            model = eager.get(dtype) if options is None else None
+            if model is None:
+                model = conv1d_to_linear(hf_model(dtype))
+                quantize_(model, Int8WeightOnlyConfig())
+                if options is None:
+                    eager[dtype] = model
+                else:
+                    model.forward = torch.compile(model.forward, options=options)
+            if dtype not in judges:
+                judges[dtype] = torchao_dequantized(model).float()
+        except Exception as e:
+            rows[name] = failed_row(name, e, "torchao")
+            continue
+        rows[name] = first_call(Row(name, model, hf_run(model, eos, **cache), group="torchao"), ids, n,
+                                judge=judges[dtype])
     return rows
 
 
@@ -398,7 +407,7 @@ def profile_rows(rows, ids, n: int, rounds: int = 3) -> None:
             wall = time.perf_counter() - t0
         return {e.key: (e.self_cpu_time_total, e.count) for e in prof.key_averages()}, wall
 
-    table = Table([("row", 42), ("ms/step", 9), ("matmul ms", 10), ("GB/s", 6), ("attn ms", 8), ("wrapper", 8),
+    table = Table([("row", 45), ("ms/step", 9), ("matmul ms", 10), ("GB/s", 6), ("attn ms", 8), ("wrapper", 8),
                    ("other", 7), ("untimed", 8)])
     for row in rows:
         if row.failed or not row.name.startswith("nanogpt2") or row.group == "bf16":
@@ -503,7 +512,7 @@ def main():
         print(f"\n# greedy decode, B=1, prompt {PROMPT}, {n - 1} steps; read bandwidth {bw / 1e9:.1f} GB/s "
               f"(before {bw_before / 1e9:.1f}); load average {load:.1f} before timing, {os.getloadavg()[0]:.1f} after"
               f"; vs fp32c = vs {base.name if base else 'n/a'}; vs ao = vs {ao.name if ao else 'n/a (no torchao row)'}")
-        table = Table([("row", 42), ("tok/s", 9), ("ms/tok", 9), ("MB/tok", 9), ("x floor", 9), ("vs fp32c", 10),
+        table = Table([("row", 45), ("tok/s", 9), ("ms/tok", 9), ("MB/tok", 9), ("x floor", 9), ("vs fp32c", 10),
                        ("vs ao", 8)])
         for r in rows:
             if r.failed:
