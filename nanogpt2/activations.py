@@ -31,7 +31,7 @@ from typing import Iterator, Optional, Union
 
 import torch
 
-from .quantization import float_weight
+from .quantization import float_weight, float_weight_rows
 
 # TransformerLens's shorthand (utils.get_act_name) -> this model's block point, for cache[short, layer].
 # The block points' own names work as shorthand too: cache["attn.z", 3] is cache["h.3.attn.z"]. (This module
@@ -282,18 +282,18 @@ class ActivationCache(MutableMapping):
         if head is None:
             raise TypeError(f"logit_attrs needs a GPT2LMHeadModel (it reads lm_head), got {type(self.model).__name__}")
         x = self._resid(self.n_layer, pos_slice)   # (B, T, C) or (B, C): what tokens must line up with
-        W_U = float_weight(head)
-        direction = self._unembed_rows(W_U, tokens, x.shape[:-1], "tokens")
+        direction = self._unembed_rows(head, tokens, x.shape[:-1], "tokens")
         if incorrect_tokens is not None:
-            direction = direction - self._unembed_rows(W_U, incorrect_tokens, x.shape[:-1], "incorrect_tokens")
+            direction = direction - self._unembed_rows(head, incorrect_tokens, x.shape[:-1], "incorrect_tokens")
         normed = self.apply_ln_to_stack(stack, None, pos_slice)
         return (normed * direction.to(normed.device, normed.dtype)).sum(-1)
 
     @staticmethod
-    def _unembed_rows(W_U: torch.Tensor, tokens, positions: torch.Size, what: str) -> torch.Tensor:
-        """W_U's rows for tokens given as an int, (B,) or (B, T), shaped to broadcast over positions (B, T)/(B,)."""
-        V = W_U.shape[0]
-        t = torch.as_tensor(tokens, device=W_U.device)
+    def _unembed_rows(head: torch.nn.Module, tokens, positions: torch.Size, what: str) -> torch.Tensor:
+        """W_U's rows for tokens given as an int, (B,) or (B, T), shaped to broadcast over positions (B, T)/(B,);
+        a quantized head dequantizes only those rows."""
+        V = head.out_features
+        t = torch.as_tensor(tokens)
         if t.dtype.is_floating_point or t.dtype == torch.bool:
             raise TypeError(f"{what} must be integer token ids, got dtype {t.dtype}")
         if t.dim() == 1 and len(positions) == 2:
@@ -306,7 +306,7 @@ class ActivationCache(MutableMapping):
         except RuntimeError:
             raise ValueError(f"{what} has shape {tuple(t.shape)}, which does not line up with the positions "
                              f"{tuple(positions)}: give an int, (B,) or {tuple(positions)}") from None
-        return W_U[t]
+        return float_weight_rows(head, t)
 
 
 def _take(x: torch.Tensor, pos_slice: PosSlice, dim: int = -2) -> torch.Tensor:

@@ -27,8 +27,11 @@ SHA256 = {  # tiktoken_ext/openai_public.py
 PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 EOT = "<|endoftext|>"
 EOT_ID = 50256
-# how a label shows control characters: \n \t \r by name, the others (and DEL) as \xNN
-LABEL_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(32), 127)} | {ord("\n"): "\\n", ord("\t"): "\\t", ord("\r"): "\\r"}
+# how a label shows characters that would not read as themselves: \n \t \r by name, the other control characters
+# (and DEL) as \xNN, a backslash doubled (so a label's \n is always a newline), and the surrogates that
+# errors="surrogateescape" makes of bytes that are only part of a UTF-8 character as \xNN (Python's repr rules)
+LABEL_ESCAPES = ({c: f"\\x{c:02x}" for c in (*range(32), 127)} | {0xDC00 + b: f"\\x{b:02x}" for b in range(128, 256)}
+                 | {ord("\n"): "\\n", ord("\t"): "\\t", ord("\r"): "\\r", ord("\\"): "\\\\"})
 
 
 def _checked(name: str) -> str:
@@ -91,11 +94,13 @@ def token_texts(ids: Iterable[int], tokenizer=None) -> list[str]:
 
 
 def quote_token(text: str) -> str:
-    """A token's text as a label: quoted so a leading space shows (' the'), newlines and other control
-    characters escaped (\\n)."""
+    """A token's text as a label, read as a Python string literal: quoted so a leading space shows (' the'),
+    in double quotes when it holds a ' and no " ("'s"), newlines and other control characters escaped (\\n),
+    a backslash doubled, and the quote escaped when the text holds both kinds."""
     text = text.translate(LABEL_ESCAPES)
-    quote = '"' if "'" in text and '"' not in text else "'"
-    return f"{quote}{text}{quote}"
+    if "'" in text and '"' not in text:
+        return f'"{text}"'
+    return "'" + text.replace("'", "\\'") + "'"
 
 
 def token_label(token_id: int, tokenizer=None) -> str:
@@ -105,4 +110,4 @@ def token_label(token_id: int, tokenizer=None) -> str:
     raw = _token_bytes(token_id, tokenizer)
     if raw is None:
         return f"<{int(token_id)}>"
-    return quote_token(raw.decode("utf-8", errors="backslashreplace"))
+    return quote_token(raw.decode("utf-8", errors="surrogateescape"))

@@ -359,6 +359,18 @@ def test_residual_decomposition_and_attribution_on_a_quantized_model(hf_checkpoi
     assert tok_embed.abs().max() < 5          # embeddings, not raw integers (which reach 127)
 
 
+@pytest.mark.parametrize("mode,g", SCHEMES)
+def test_a_few_rows_of_a_quantized_weight_dequantize_alone(hf_checkpoint, mode, g):
+    """float_weight_rows (logit attribution's unembedding directions) = those rows of the whole dequantized
+    matrix, for the head, the tied embedding and a float layer, whatever the rows' device and shape."""
+    from nanogpt2.quantization import float_weight, float_weight_rows
+    path, _ = hf_checkpoint()
+    model = GPT2LMHeadModel.from_pretrained(path, quantize=mode, group_size=g)
+    rows = torch.tensor([[3, 0], [60, 3]])
+    for module in (model.lm_head, model.transformer.wte, model.transformer.wpe):
+        assert torch.equal(float_weight_rows(module, rows), float_weight(module)[rows])
+
+
 def test_compiled_decode_of_a_quantized_model_gives_the_eager_tokens(hf_checkpoint):
     path, _ = hf_checkpoint()
     model = GPT2LMHeadModel.from_pretrained(path, quantize="int4", group_size=32)

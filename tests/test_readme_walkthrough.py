@@ -52,7 +52,16 @@ def test_the_section_has_the_walkthrough_blocks():
 
 def test_the_walkthrough_runs_and_its_figures_hold(walkthrough):
     ns, directory = walkthrough
-    assert round(float(ns["diff"].detach()), 2) == 2.63                             # step 1
+    model, cache = ns["model"], ns["cache"]
+    _, first = model.run_with_cache(ns["ids"], names=["h.1.attn.pattern"])         # the hooks block
+    assert first["h.1.attn.pattern"].shape == (1, 4, 15, 15)
+    assert len(ns["clean"]) == len(ns["corrupted"]) == 18                           # step 1
+    assert ns["clean"][:-1] == ns["corrupted"][:-1] and ns["clean"][-1] != ns["corrupted"][-1]
+    assert round(float(ns["diff"].detach()), 2) == 2.63
+    assert cache["pattern", 1] is cache["h.1.attn.pattern"]
+    results, labels = cache.stack_head_results(pos_slice=-1, return_labels=True)  # step 2
+    assert results.shape == (16, 1, model.config.n_embd) and labels[0] == "L0H0" and labels[-1] == "L3H3"
+    assert ns["lens"].shape == (5, 1)
     assert [label for label, _ in ns["top"]] == ["h.0.mlp.out", "h.1.mlp.out", "h.2.mlp.out"]   # step 2
     assert [round(v, 2) for _, v in ns["top"]] == [1.59, 0.45, 0.13]
     assert float(ns["per_head"].abs().max()) < 0.03
@@ -65,6 +74,8 @@ def test_the_walkthrough_runs_and_its_figures_hold(walkthrough):
     heads = ns["heads"].values
     assert round(float(heads[0, 1]), 2) == -0.72 and round(float(heads[0, 2]), 2) == -0.56
     r = torch.corrcoef(torch.stack([heads.flatten(), ns["quick"].values.flatten()]))[0, 1]
-    assert r > 0.995 and ns["layer"] == 0
+    assert round(float(r), 3) == 0.999 and ns["layer"] == 0
     page = (directory / "view.html").read_text(encoding="utf-8")                    # step 4
     assert page.startswith("<!DOCTYPE html>") and "layer 0, 4 heads, 18 tokens" in page
+    last_query = cache["h.0.attn.pattern"][0, :, -1]                                # (heads, keys)
+    assert float(last_query.max()) < 0.1, "the README says no key gets above 0.1 from ' I' in layer 0"

@@ -1,5 +1,6 @@
 """The shipped tokenizer: tiktoken "gpt2" built offline, identical to transformers' GPT-2 tokenizer; and the text <->
 token rules the tools share (encode, token_text, token_label)."""
+import ast
 import shutil
 
 import pytest
@@ -66,6 +67,20 @@ def test_token_labels_show_spaces_newlines_and_partial_characters():
     assert token_label(enc.encode_single_token(b"'s")) == "\"'s\""
     assert token_label(50300) == "<50300>"  # past the tokenizer: a padded vocabulary
     assert quote_token("a\tb\x01") == "'a\\tb\\x01'"
+
+
+def test_every_label_reads_back_as_its_token():
+    """A label is a Python string literal of the token's text: nothing two tokens could share (a backslash
+    followed by n, both kinds of quote) reads ambiguously. A byte that is only part of a UTF-8 character reads
+    back as \\xNN, i.e. chr(NN)."""
+    enc = get_tokenizer()
+    partial_bytes = {0xDC00 + b: b for b in range(128, 256)}   # what surrogateescape makes of them -> chr(NN)
+    for token_id in range(enc.n_vocab):
+        raw = enc.decode_single_token_bytes(token_id)
+        expected = raw.decode("utf-8", "surrogateescape").translate(partial_bytes)
+        assert ast.literal_eval(token_label(token_id)) == expected, (token_id, raw, token_label(token_id))
+    assert quote_token("\\n") == "'\\\\n'" and ast.literal_eval(quote_token("\\n")) == "\\n"
+    assert ast.literal_eval(quote_token("'\"")) == "'\""
 
 
 def test_token_texts_join_into_the_text():
