@@ -54,6 +54,12 @@ CPU_COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gem
                        "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}  # quiet
 
 
+def cpu_compile_options() -> dict:
+    """CPU_COMPILE_OPTIONS less the ones this torch's inductor does not have (older torch), read at call time."""
+    from torch._inductor import config as inductor_config   # imported here: importing inductor takes seconds
+    return {k: v for k, v in CPU_COMPILE_OPTIONS.items() if hasattr(inductor_config, k)}
+
+
 def cache_length(n_positions: int, needed: int) -> int:
     """Positions to preallocate for a compiled step: the next multiple of COMPILE_BUCKET, capped at n_positions."""
     return min(n_positions, -(-needed // COMPILE_BUCKET) * COMPILE_BUCKET)
@@ -72,7 +78,7 @@ def _compile(fn: Callable, frozen: bool) -> Callable:
     if not frozen:
         return compiled
     from torch._inductor import config as inductor_config   # imported here: importing inductor takes seconds
-    options = {k: v for k, v in CPU_COMPILE_OPTIONS.items() if hasattr(inductor_config, k)}   # older torch
+    options = cpu_compile_options()
 
     def with_options(*args):   # the options apply to the compiles a call may trigger (a new batch or bucket)
         with inductor_config.patch(options):

@@ -281,9 +281,10 @@ class _TargetPrefix:
 def _row_bytes(config, T_new: int, S: int, kept: int, element_size: int) -> int:
     """Estimated bytes one row (one prompt of one cell) holds at once in a batched forward over T_new positions that
     attend to S keys: the block's largest temporaries (qkv 3C, the MLP's two 4C, the residual and its updates:
-    ~16C per position, plus an H x S row of scores per position and an S row of the additive mask, which
-    attention.AttentionMask builds dense, (B, 1, T, S), when a mask or a cached prefix is involved), the keys and
-    values with the prefix (2C per key), and the logits (the new ones and the assembled ones: 2 V per kept
+    ~16C per position, plus an H x S row of scores per position and, at most, an S row of attention mask:
+    attention.AttentionMask's dense masks are (B, 1, T, S) with padding (bools, and the eager path's additive
+    float bias), (1, 1, T, S) without; counted as one float row, which over-counts the unpadded case), the keys
+    and values with the prefix (2C per key), and the logits (the new ones and the assembled ones: 2 V per kept
     position). An estimate, not a bound."""
     C, H, V = config.n_embd, config.n_head, config.vocab_size
     return element_size * (T_new * (16 * C + (H + 1) * S) + 2 * C * S + 2 * kept * V)

@@ -28,9 +28,8 @@ PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$
 EOT = "<|endoftext|>"
 EOT_ID = 50256
 # how a label shows characters that would not read as themselves: \n \t \r by name, the other control characters
-# (and DEL) as \xNN, a backslash doubled (so a label's \n is always a newline), and the surrogates that
-# errors="surrogateescape" makes of bytes that are only part of a UTF-8 character as \xNN (Python's repr rules)
-LABEL_ESCAPES = ({c: f"\\x{c:02x}" for c in (*range(32), 127)} | {0xDC00 + b: f"\\x{b:02x}" for b in range(128, 256)}
+# (and DEL) as \xNN, and a backslash doubled (so that a label's \n is always a newline): Python's literal rules
+LABEL_ESCAPES = ({c: f"\\x{c:02x}" for c in (*range(32), 127)}
                  | {ord("\n"): "\\n", ord("\t"): "\\t", ord("\r"): "\\r", ord("\\"): "\\\\"})
 
 
@@ -104,10 +103,13 @@ def quote_token(text: str) -> str:
 
 
 def token_label(token_id: int, tokenizer=None) -> str:
-    """One token as readable text: quoted so a leading space shows (' the'), newlines and other control
-    characters escaped (\\n), and bytes that are only part of a UTF-8 character shown as \\xNN.
-    An id past the tokenizer's 50257 (a padded vocabulary) is <id>."""
+    """One token as readable text that is also a Python literal of it: its text quoted (quote_token: ' the',
+    '\\n'), or, for a token that is only part of a UTF-8 character, its bytes as a bytes literal (b'\\xe2\\x80'),
+    so that no two tokens share a label. An id past the tokenizer's 50257 (a padded vocabulary) is <id>."""
     raw = _token_bytes(token_id, tokenizer)
     if raw is None:
         return f"<{int(token_id)}>"
-    return quote_token(raw.decode("utf-8", errors="surrogateescape"))
+    try:
+        return quote_token(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return repr(raw)

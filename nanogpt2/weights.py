@@ -8,6 +8,7 @@ materialised once, in its final dtype and device, so loading needs about one mod
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -28,6 +29,25 @@ from .files import SAFE_INDEX, SAFE_SINGLE, TORCH_BIN, CheckpointError, resolve
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # Buffers old checkpoints carry (the causal mask and its fill value); we rebuild neither.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+
+
+# glibc's malloc_trim, or None (other C libraries): see _release_freed_heap
+try:
+    _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
+except (OSError, AttributeError):
+    _MALLOC_TRIM = None
+TRIM_BYTES = 64 << 20  # trim once this many bytes of read buffers have been freed since the last trim
+
+
+def _release_freed_heap() -> None:
+    """Return the heap's free pages to the OS. Loading reads each tensor into memory of its own and, for a
+    transposed Conv1D weight, a cast, or quantize-while-loading, frees it after copying: glibc keeps such holes
+    for reuse, and smaller later allocations (the integer copies, the quantizer's chunks) split them, so the heap
+    grows on: loading gpt2-xl with quantize="int8" peaked at 0.61x the checkpoint's bytes without this, of which
+    only 0.25x was the model (benchmarks/load_memory.py, BENCHMARKS.md). malloc_trim(0) gives back every free
+    page, also inside the heap; called every TRIM_BYTES of freed buffers, as each call walks the heap. Not glibc (macOS, musl): there is no such call, and nothing is done."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 # ---- reading ------------------------------------------------------------------------------------
@@ -204,20 +224,28 @@ def load_weights(model: nn.Module, files: list[str], dtype=None, device=None, qu
                               "initialises a missing weight at random)")
 
     # the checkpoint's own dtype ("auto"): its first float tensor's (a quantized one's integers say nothing)
-    first = next((t for t in (src.get(key) for src, key, _ in plan) if t.is_floating_point()), None)
-    target = _resolve_dtype(dtype, first.dtype if first is not None else torch.float32)
+    first = next((t.dtype for t in (src.get(key) for src, key, _ in plan) if t.is_floating_point()), None)
+    target = _resolve_dtype(dtype, first or torch.float32)
     device = torch.device(device) if device is not None else torch.device("cpu")
+    freed = 0   # bytes of read buffers freed since the heap was last trimmed
     for src, key, canon in plan:
-        t = src.get(key)
+        read = src.get(key)
         param = params[expected[canon]]
-        if _conv1d(canon, param):
-            t = t.t()
+        t = read.t() if _conv1d(canon, param) else read
         t = t.to(device=device, dtype=target if t.is_floating_point() else t.dtype).contiguous()
+        copied = t.untyped_storage().data_ptr() != read.untyped_storage().data_ptr()
         module_name, _, attr = expected[canon].rpartition(".")
         module = model.get_submodule(module_name)
         module._parameters[attr] = nn.Parameter(t, requires_grad=param.requires_grad)
+        del t
         if quantizer is not None:
             quantizer.loaded(model, module_name)
+        if copied or quantizer is not None:   # the read buffer dies here (a quantized layer drops its float too)
+            freed += read.nbytes
+        del read
+        if freed >= TRIM_BYTES:
+            _release_freed_heap()
+            freed = 0
     quantization.repack(model)
     if hasattr(model, "tie_weights"):
         model.tie_weights()

@@ -366,13 +366,21 @@ def test_a_few_rows_of_a_quantized_weight_dequantize_alone(hf_checkpoint, mode, 
     from nanogpt2.quantization import float_weight, float_weight_rows
     path, _ = hf_checkpoint()
     model = GPT2LMHeadModel.from_pretrained(path, quantize=mode, group_size=g)
+    plain = GPT2LMHeadModel.from_pretrained(path)
     rows = torch.tensor([[3, 0], [60, 3]])
-    for module in (model.lm_head, model.transformer.wte, model.transformer.wpe):
+    for module in (model.lm_head, model.transformer.wte, model.transformer.wpe, plain.lm_head):
         assert torch.equal(float_weight_rows(module, rows), float_weight(module)[rows])
+    assert torch.equal(model.transformer.wte(rows), float_weight(model.lm_head)[rows])   # the tie, read as rows
 
 
-def test_compiled_decode_of_a_quantized_model_gives_the_eager_tokens(hf_checkpoint):
+@pytest.mark.parametrize("mode,g,backends", [(m, g, None) for m, g in SCHEMES] + [("int8", None, "ATEN")])
+def test_compiled_decode_of_a_quantized_model_gives_the_eager_tokens(hf_checkpoint, monkeypatch, mode, g, backends):
+    """compile=True on CPU freezes the integer weights and lets inductor pick its own weight-only GEMM template
+    (max-autotune) or torch's op (backends="ATEN" leaves it only the op); either must decode the eager tokens."""
+    from nanogpt2 import compiled
+    if backends is not None:
+        monkeypatch.setitem(compiled.CPU_COMPILE_OPTIONS, "max_autotune_gemm_backends", backends)
     path, _ = hf_checkpoint()
-    model = GPT2LMHeadModel.from_pretrained(path, quantize="int4", group_size=32)
-    ids = torch.randint(0, 101, (1, 6))
+    model = GPT2LMHeadModel.from_pretrained(path, quantize=mode, group_size=g)
+    ids = torch.randint(0, 101, (1, 6), generator=torch.Generator().manual_seed(0))
     assert torch.equal(model.generate(ids, max_new_tokens=10, compile=True), model.generate(ids, max_new_tokens=10))
