@@ -42,6 +42,7 @@ import torch
 from .attention import AttentionMask, static_positions
 from .cache import KVCache, StaticSlot
 from .packed import identity
+from .quantization import QuantizedLinear
 
 COMPILE_BUCKET = 128   # cache lengths are multiples of this (or n_positions), so nearby lengths share a graph
 
@@ -54,10 +55,18 @@ CPU_COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gem
                        "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}  # quiet
 
 
-def cpu_compile_options() -> dict:
-    """CPU_COMPILE_OPTIONS less the ones this torch's inductor does not have (older torch), read at call time."""
+def cpu_compile_options(model: Optional[torch.nn.Module] = None) -> dict:
+    """CPU_COMPILE_OPTIONS less the ones this torch's inductor does not have (older torch), read at call time; for
+    a model with int8 weight-only layers, without inductor's C++ GEMM templates (backends "ATEN": torch's
+    aten._weight_int8pack_mm stays). On torch 2.13 inductor's int8 weight-only template decodes wrong tokens from
+    the second step on for a 12-layer, 768-wide GPT-2 (6 layers, or 2 at that width, decode right; int4's
+    templates and fp32's are right; checked by tests/test_compiled_decode.py), and its pytorch issues show
+    earlier correctness failures of it (#140208). It was ~10% faster than the op; a wrong token is not worth that."""
     from torch._inductor import config as inductor_config   # imported here: importing inductor takes seconds
-    return {k: v for k, v in CPU_COMPILE_OPTIONS.items() if hasattr(inductor_config, k)}
+    options = {k: v for k, v in CPU_COMPILE_OPTIONS.items() if hasattr(inductor_config, k)}
+    if model is not None and any(isinstance(m, QuantizedLinear) and m.mode == "int8" for m in model.modules()):
+        options["max_autotune_gemm_backends"] = "ATEN"
+    return options
 
 
 def cache_length(n_positions: int, needed: int) -> int:
@@ -71,14 +80,14 @@ def _static_step(model, tokens, seqlens, kv_start, slot):
     return model.decode_step(tokens, static_positions(seqlens, kv_start), mask, slot)
 
 
-def _compile(fn: Callable, frozen: bool) -> Callable:
-    """torch.compile, with the frozen-weights options when `frozen` (the one call; tests replace it to run the
-    same step eagerly)."""
+def _compile(fn: Callable, frozen: bool, model: Optional[torch.nn.Module] = None) -> Callable:
+    """torch.compile, with the frozen-weights options for `model` when `frozen` (the one call; tests replace it
+    to run the same step eagerly)."""
     compiled = torch.compile(fn, dynamic=False)
     if not frozen:
         return compiled
     from torch._inductor import config as inductor_config   # imported here: importing inductor takes seconds
-    options = cpu_compile_options()
+    options = cpu_compile_options(model)
 
     def with_options(*args):   # the options apply to the compiles a call may trigger (a new batch or bucket)
         with inductor_config.patch(options):
@@ -123,7 +132,7 @@ class CompiledDecode:
         self.frozen_state: Optional[tuple] = None   # the weights frozen into self.fn; None when not frozen
         if self.device_type == "cpu":
             own_code = types.FunctionType(_static_step.__code__.replace(), _static_step.__globals__, "_static_step")
-            self.fn = _compile(own_code, frozen=True)
+            self.fn = _compile(own_code, frozen=True, model=model)
             self.frozen_state = _weights_state(model)
         else:
             self.fn = _shared_step()

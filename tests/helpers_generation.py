@@ -45,7 +45,7 @@ def run_compiled_step_eagerly(monkeypatch, calls=None):
     """generate(compile=True) with its fixed-shape step run eagerly: the same code path without a compile, in
     seconds (test_compiled_decode compiles for real). Each call gets a fresh owner, so no eager step stays
     attached to a model; `calls`, a list, records the model of each step made."""
-    monkeypatch.setattr(compiled, "_compile", lambda fn, frozen: fn)
+    monkeypatch.setattr(compiled, "_compile", lambda fn, frozen, model=None: fn)
 
     def fresh(model):
         if calls is not None:

@@ -122,7 +122,7 @@ def test_cache_lengths_are_bucketed_only_when_compiling(models):
 @pytest.fixture
 def fresh_model(models, monkeypatch):
     """A copy of the peaky model whose compiled step runs eagerly and stays attached to it (no real compile)."""
-    monkeypatch.setattr(compiled, "_compile", lambda fn, frozen: fn)
+    monkeypatch.setattr(compiled, "_compile", lambda fn, frozen, model=None: fn)
     return copy.deepcopy(models[1])
 
 
@@ -228,3 +228,30 @@ def test_static_positions_follow_the_one_positions_rule():
     kv_start = torch.tensor([2, 0], dtype=torch.int32)
     seqlens = torch.full((2,), 6, dtype=torch.int32)
     assert torch.equal(static_positions(seqlens, kv_start), positions_from_mask(mask, 5, 1, "cpu"))
+
+
+def test_int8_models_compile_without_inductors_int8_template():
+    """cpu_compile_options: an int8 model keeps torch's weight-only op (the CPP template decoded wrong tokens, see
+    compiled.py); fp32 and int4 models keep inductor's templates."""
+    import nanogpt2
+    from nanogpt2 import GPT2Config, GPT2LMHeadModel
+    cfg = GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=101, n_positions=32)
+    plain = GPT2LMHeadModel(cfg)
+    assert compiled.cpu_compile_options(plain)["max_autotune_gemm_backends"] == "CPP,ATEN"
+    assert compiled.cpu_compile_options(nanogpt2.quantize(GPT2LMHeadModel(cfg), "int4", 32))[
+        "max_autotune_gemm_backends"] == "CPP,ATEN"
+    assert compiled.cpu_compile_options(nanogpt2.quantize(plain, "int8"))["max_autotune_gemm_backends"] == "ATEN"
+
+
+def test_compiled_int8_decode_at_gpt2_width_and_depth_gives_the_eager_tokens():
+    """The shape where inductor's int8 template went wrong (12 layers of 768, GPT-2's vocabulary; 6 layers were
+    right): ~15 s, a really compiled 124M step. Peaky logits (wte at std 0.1) so rounding cannot flip a token."""
+    import nanogpt2
+    from nanogpt2 import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config.preset("gpt2")).eval()
+    with torch.no_grad():
+        model.transformer.wte.weight.normal_(0.0, 0.1)
+    nanogpt2.quantize(model, "int8")
+    ids = torch.randint(0, 50257, (1, 16))
+    assert torch.equal(model.generate(ids, max_new_tokens=8, compile=True), model.generate(ids, max_new_tokens=8))
