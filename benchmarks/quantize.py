@@ -17,7 +17,7 @@ compile=True rows are compiled before timing. Every row runs alternately with ev
     layers swapped for nn.Linear (what a user has to do): eager; cache_implementation="static"; static +
     torch.compile of its forward (torchao sets its recommended inductor options); and the same with bf16
     activations (a bf16 model; torchao's int8 x bf16 path), compiled plainly and with inductor's freezing +
-    max-autotune (nanogpt2.compiled.cpu_compile_options(), what nanogpt2's own CPU step uses).
+    max-autotune choosing between its C++ templates and torch's ops (nanogpt2.compiled.cpu_compile_options()).
   A row that cannot run says "failed: <reason>" (or "torchao not installed"); none is skipped silently.
 Columns:
   tok/s, ms/tok  decode only, B=1
@@ -41,11 +41,9 @@ Quality (on by default for shapes up to 124M):
 --profile: where a nanogpt2 row's decode step goes (torch.profiler, t_N - t_1 per op, inductor kernels by name): the
 weight matmuls (and the GB/s they stream), attention, the compiled graph's wrapper and guards, the other ops, and
 Python time between records. It turns on inductor's cpp.enable_kernel_profile, so the timed table is of that build.
-On torch 2.13 that build's int8 weight-only GEMM template (max-autotune's CPP choice for the int8 compiled row)
-decodes wrong tokens, which the correctness check refuses (the row fails; without --profile it is right, and
-tests/test_quantization.py checks compiled against eager tokens). To see that row's split, set
-nanogpt2.compiled.CPU_COMPILE_OPTIONS["max_autotune_gemm_backends"] = "ATEN" (torch's op instead of the template;
-it applies to the torchao "(frozen)" row too).
+(nanogpt2's int8 compiled step runs torch's weight-only op, not inductor's int8 template, which decoded wrong
+tokens at this shape: nanogpt2.compiled.cpu_compile_options. The torchao "(frozen)" row still lets inductor choose
+it, and the correctness check refuses the row when its tokens are wrong.)
 
 Presets above 124M default to nanogpt2 fp32 / int8 / int4, eager only, no peers, no quality block (every timed
 model is held in memory at once, and freezing an xl step for compile=True takes many minutes); --schemes,
@@ -248,7 +246,8 @@ def peer_rows(path, ids, n, ref, eos, compile_forward: bool) -> dict:
              ("hf+torchao int8 static", torch.float32, STATIC, None),
              ("hf+torchao int8 static+compile", torch.float32, STATIC, {}),
              ("hf+torchao int8 bf16 static+compile", torch.bfloat16, STATIC, {}),
-             ("hf+torchao int8 bf16 static+compile(frozen)", torch.bfloat16, STATIC, cpu_compile_options())]
+             ("hf+torchao int8 bf16 static+compile(frozen)", torch.bfloat16, STATIC,
+              dict(cpu_compile_options(), max_autotune_gemm_backends="CPP,ATEN"))]   # inductor's choice
     try:
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
     except ImportError:

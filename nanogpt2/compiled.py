@@ -46,26 +46,34 @@ from .quantization import QuantizedLinear
 
 COMPILE_BUCKET = 128   # cache lengths are multiples of this (or n_positions), so nearby lengths share a graph
 
-# inductor's options for the frozen CPU step. max_autotune lets it pick its C++ micro-GEMM (CppMicroGemmFP32Vec)
-# over MKL/oneDNN where that is faster: for a decode step's GEMVs it streams the weights at 26-33 GB/s, oneDNN's
-# packed path at 18-24 and MKL's sgemm at ~12 on the 2-core machine of BENCHMARKS.md (read bandwidth ~33 GB/s).
-# Without freezing, weights are graph inputs and inductor can only call MKL on them. The price: the first compile
-# autotunes each matmul shape (20-60 s for 124M on 2 cores).
-CPU_COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+# inductor's options for the frozen CPU step. max_autotune lets it use its C++ micro-GEMM (CppMicroGemmFP32Vec),
+# which for a decode step's GEMVs streams the weights at 26-44 GB/s, where oneDNN's packed path runs at 18-24 and
+# MKL at ~16 on the 2-core machine of BENCHMARKS.md (read bandwidth ~33 GB/s). Only the C++ templates ("CPP"):
+# with "CPP,ATEN" autotuning times each choice in a hot loop, the weight in cache, and in some processes picks
+# MKL, which from memory is 2.3x slower end to end (31 vs 13 ms/token, 124M, 2026-11-28; pytorch issue #148494
+# describes the same trap for int8). Without freezing, weights are graph inputs and inductor can only call MKL
+# on them. The price: the first compile autotunes each matmul shape (20-60 s for 124M on 2 cores). Quantized
+# models change the backends: cpu_compile_options.
+CPU_COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP",
                        "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}  # quiet
 
 
 def cpu_compile_options(model: Optional[torch.nn.Module] = None) -> dict:
-    """CPU_COMPILE_OPTIONS less the ones this torch's inductor does not have (older torch), read at call time; for
-    a model with int8 weight-only layers, without inductor's C++ GEMM templates (backends "ATEN": torch's
-    aten._weight_int8pack_mm stays). On torch 2.13 inductor's int8 weight-only template decodes wrong tokens from
-    the second step on for a 12-layer, 768-wide GPT-2 (6 layers, or 2 at that width, decode right; int4's
-    templates and fp32's are right; checked by tests/test_compiled_decode.py), and its pytorch issues show
-    earlier correctness failures of it (#140208). It was ~10% faster than the op; a wrong token is not worth that."""
+    """CPU_COMPILE_OPTIONS less the ones this torch's inductor does not have (older torch), read at call time,
+    with the GEMM backends `model`'s weight-only layers need:
+      int8  "ATEN" only: torch's aten._weight_int8pack_mm, not inductor's C++ template for it, which on torch
+            2.13 decodes wrong tokens from the second step on for a 12-layer, 768-wide GPT-2 (6 layers, or 2 at
+            that width, decode right; tests/test_compiled_decode.py) and has had correctness bugs before
+            (pytorch issue #140208). It was ~10% faster than the op; a wrong token is not worth that.
+      int4  "CPP,ATEN": the templates for the blocks' matrices, torch's int4 op for lm_head (no template takes
+            its 50257 rows: "CPP" alone fails to compile)."""
     from torch._inductor import config as inductor_config   # imported here: importing inductor takes seconds
     options = {k: v for k, v in CPU_COMPILE_OPTIONS.items() if hasattr(inductor_config, k)}
-    if model is not None and any(isinstance(m, QuantizedLinear) and m.mode == "int8" for m in model.modules()):
+    modes = {m.mode for m in model.modules() if isinstance(m, QuantizedLinear)} if model is not None else set()
+    if "int8" in modes:
         options["max_autotune_gemm_backends"] = "ATEN"
+    elif "int4" in modes:
+        options["max_autotune_gemm_backends"] = "CPP,ATEN"
     return options
 
 
