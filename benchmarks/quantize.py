@@ -17,7 +17,7 @@ compile=True rows are compiled before timing. Every row runs alternately with ev
     layers swapped for nn.Linear (what a user has to do): eager; cache_implementation="static"; static +
     torch.compile of its forward (torchao sets its recommended inductor options); and the same with bf16
     activations (a bf16 model; torchao's int8 x bf16 path), compiled plainly and with inductor's freezing +
-    max-autotune choosing between its C++ templates and torch's ops (nanogpt2.compiled.cpu_compile_options()).
+    max-autotune choosing between its C++ templates and torch's ops (backends "CPP,ATEN").
   A row that cannot run says "failed: <reason>" (or "torchao not installed"); none is skipped silently.
 Columns:
   tok/s, ms/tok  decode only, B=1

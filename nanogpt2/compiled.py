@@ -11,7 +11,8 @@ breaks), per batch size and cache length; cache lengths are rounded up to multip
 prompts of different lengths share it. The price of fixed shapes is reading the whole buffer every step.
 
 On CPU the weights are frozen into the graph (CPU_COMPILE_OPTIONS): constants that inductor prepacks, with its
-own C++ micro-GEMM picked by autotuning, which streams them at the machine's read bandwidth (BENCHMARKS.md).
+own C++ micro-GEMM (for fp32/bf16/fp16; quantized models: cpu_compile_options), which streams them at the
+machine's read bandwidth (BENCHMARKS.md).
 Frozen constants bring two rules, both kept by `CompiledDecode`:
   - dynamo's guards do not look at tensor values, so a graph frozen for one model could run for another of
     the same shape (or for this one after an optimizer step). Each model gets its own copy of _static_step's
@@ -52,10 +53,12 @@ COMPILE_BUCKET = 128   # cache lengths are multiples of this (or n_positions), s
 # with "CPP,ATEN" autotuning times each choice in a hot loop, the weight in cache, and in some processes picks
 # MKL, which from memory is 2.3x slower end to end (31 vs 13 ms/token, 124M, 2026-11-28; pytorch issue #148494
 # describes the same trap for int8). Without freezing, weights are graph inputs and inductor can only call MKL
-# on them. The price: the first compile autotunes each matmul shape (20-60 s for 124M on 2 cores). Quantized
-# models change the backends: cpu_compile_options.
+# on them. The price: the first compile generates and builds a C++ kernel per matmul shape (~15-20 s for 124M on
+# 2 cores). The templates take fp32/bf16/fp16 only, and "CPP" alone leaves a float64 matmul no choice at all, so
+# other dtypes, and quantized models, get other backends: cpu_compile_options.
 CPU_COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP",
                        "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}  # quiet
+TEMPLATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)   # inductor's C++ GEMM template's (2.13)
 
 
 def cpu_compile_options(model: Optional[torch.nn.Module] = None) -> dict:
@@ -66,13 +69,16 @@ def cpu_compile_options(model: Optional[torch.nn.Module] = None) -> dict:
             that width, decode right; tests/test_compiled_decode.py) and has had correctness bugs before
             (pytorch issue #140208). It was ~10% faster than the op; a wrong token is not worth that.
       int4  "CPP,ATEN": the templates for the blocks' matrices, torch's int4 op for lm_head (no template takes
-            its 50257 rows: "CPP" alone fails to compile)."""
+            its 50257 rows: "CPP" alone fails to compile).
+    and a float model whose parameters are not all in TEMPLATE_DTYPES (float64) gets "CPP,ATEN" too."""
     from torch._inductor import config as inductor_config   # imported here: importing inductor takes seconds
     options = {k: v for k, v in CPU_COMPILE_OPTIONS.items() if hasattr(inductor_config, k)}
-    modes = {m.mode for m in model.modules() if isinstance(m, QuantizedLinear)} if model is not None else set()
+    if model is None:
+        return options
+    modes = {m.mode for m in model.modules() if isinstance(m, QuantizedLinear)}
     if "int8" in modes:
         options["max_autotune_gemm_backends"] = "ATEN"
-    elif "int4" in modes:
+    elif modes or any(p.dtype not in TEMPLATE_DTYPES for p in model.parameters() if p.is_floating_point()):
         options["max_autotune_gemm_backends"] = "CPP,ATEN"
     return options
 

@@ -68,8 +68,8 @@ class GenerationConfig:
     # the weights while generating). None: on when the model is on CPU and PyTorch can pack; False: off.
     pack_weights: Optional[bool] = None
     # nanogpt2's own: torch.compile the decode step (compiled.py: fixed shapes). The first call per model, batch
-    # size and cache-length bucket compiles: on CPU inductor freezes and autotunes the weights' matmuls
-    # (compiled.CPU_COMPILE_OPTIONS; 20-60 s for 124M on 2 cores), then B=1 steps run ~1.4-1.7x faster than
+    # size and cache-length bucket compiles: on CPU inductor freezes the weights into C++ micro-GEMMs
+    # (compiled.CPU_COMPILE_OPTIONS; 15-60 s for 124M on 2 cores), then B=1 steps run ~1.4-1.7x faster than
     # pack_weights' (BENCHMARKS.md). For batches, and for weights that keep changing, keep the default.
     compile: bool = False
 

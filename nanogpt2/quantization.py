@@ -416,17 +416,21 @@ class Quantizer:
         self.mode, self.group_size = mode, _check_quantizable(model, mode, group_size)
         self.pending = set(target_names(model))
 
-    def loaded(self, model: nn.Module, module_name: str) -> None:
+    def loaded(self, model: nn.Module, module_name: str) -> int:
+        """Quantize `module_name` if it is a target whose tensors have all arrived; the bytes of float weight
+        that dropped (0 if none), for the loader's heap trimming (weights.load_weights)."""
         name = "lm_head" if module_name == "transformer.wte" and _tied(model) else module_name
         if name not in self.pending:
-            return
+            return 0
         source = model.get_submodule(module_name)
         if any(p.is_meta for p in source.parameters()):
-            return                                          # its bias (or weight) is still to come
+            return 0                                        # its bias (or weight) is still to come
         if name == "lm_head" and module_name == "transformer.wte":
             model.lm_head.weight = source.weight            # the tie, made now rather than after loading
         self.pending.discard(name)
+        dropped = source.weight.nbytes
         _quantize_module(model, name, self.mode, self.group_size)
+        return dropped
 
     def finish(self, model: nn.Module) -> None:
         if self.pending:

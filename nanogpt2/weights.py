@@ -33,8 +33,9 @@ IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
 # glibc's malloc_trim, or None (other C libraries): see _release_freed_heap
 try:
-    _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
-except (OSError, AttributeError):
+    _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim   # the running process's symbols: glibc's on Linux
+    _MALLOC_TRIM.argtypes, _MALLOC_TRIM.restype = [ctypes.c_size_t], ctypes.c_int
+except (OSError, AttributeError, TypeError):   # no such symbol (macOS, musl); Windows: CDLL(None) raises TypeError
     _MALLOC_TRIM = None
 TRIM_BYTES = 64 << 20  # trim once this many bytes of read buffers have been freed since the last trim
 
@@ -45,7 +46,8 @@ def _release_freed_heap() -> None:
     for reuse, and smaller later allocations (the integer copies, the quantizer's chunks) split them, so the heap
     grows on: loading gpt2-xl with quantize="int8" peaked at 0.61x the checkpoint's bytes without this, of which
     only 0.25x was the model (benchmarks/load_memory.py, BENCHMARKS.md). malloc_trim(0) gives back every free
-    page, also inside the heap; called every TRIM_BYTES of freed buffers, as each call walks the heap. Not glibc (macOS, musl): there is no such call, and nothing is done."""
+    page, also inside the heap; called every TRIM_BYTES of freed buffers, as each call walks the heap. Not glibc
+    (macOS, musl, Windows): there is no such call, and nothing is done."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
 
@@ -110,10 +112,17 @@ class _TensorSource:
             return tuple(self._entries[key]["shape"])
         return tuple(self._sd[key].shape)
 
+    @property
+    def owns_reads(self) -> bool:
+        """Whether get() returns memory of its own, which dies with the tensor (safetensors); a .bin file's
+        tensors belong to its loaded (or mapped) state dict."""
+        return hasattr(self, "_entries")
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._dtype(key) if hasattr(self, "_entries") else self._sd[key].dtype
+
     def is_float(self, key: str) -> bool:
-        if hasattr(self, "_entries"):
-            return self._dtype(key).is_floating_point
-        return self._sd[key].is_floating_point()
+        return self.dtype(key).is_floating_point
 
     def _dtype(self, key: str) -> torch.dtype:
         name = self._entries[key]["dtype"]
@@ -224,7 +233,7 @@ def load_weights(model: nn.Module, files: list[str], dtype=None, device=None, qu
                               "initialises a missing weight at random)")
 
     # the checkpoint's own dtype ("auto"): its first float tensor's (a quantized one's integers say nothing)
-    first = next((t.dtype for t in (src.get(key) for src, key, _ in plan) if t.is_floating_point()), None)
+    first = next((src.dtype(key) for src, key, _ in plan if src.is_float(key)), None)
     target = _resolve_dtype(dtype, first or torch.float32)
     device = torch.device(device) if device is not None else torch.device("cpu")
     freed = 0   # bytes of read buffers freed since the heap was last trimmed
@@ -238,10 +247,10 @@ def load_weights(model: nn.Module, files: list[str], dtype=None, device=None, qu
         module = model.get_submodule(module_name)
         module._parameters[attr] = nn.Parameter(t, requires_grad=param.requires_grad)
         del t
-        if quantizer is not None:
-            quantizer.loaded(model, module_name)
-        if copied or quantizer is not None:   # the read buffer dies here (a quantized layer drops its float too)
+        if copied and src.owns_reads:                    # the read buffer dies here
             freed += read.nbytes
+        if quantizer is not None:                        # a swapped layer dropped its float weight
+            freed += quantizer.loaded(model, module_name)
         del read
         if freed >= TRIM_BYTES:
             _release_freed_heap()

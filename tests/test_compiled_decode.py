@@ -239,6 +239,7 @@ def test_gemm_backends_follow_the_weights():
     cfg = GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=101, n_positions=32)
     plain = GPT2LMHeadModel(cfg)
     assert compiled.cpu_compile_options(plain)["max_autotune_gemm_backends"] == "CPP"
+    assert compiled.cpu_compile_options(GPT2LMHeadModel(cfg).double())["max_autotune_gemm_backends"] == "CPP,ATEN"
     assert compiled.cpu_compile_options(nanogpt2.quantize(GPT2LMHeadModel(cfg), "int4", 32))[
         "max_autotune_gemm_backends"] == "CPP,ATEN"
     assert compiled.cpu_compile_options(nanogpt2.quantize(plain, "int8"))["max_autotune_gemm_backends"] == "ATEN"
@@ -256,3 +257,19 @@ def test_compiled_int8_decode_at_gpt2_width_and_depth_gives_the_eager_tokens():
     nanogpt2.quantize(model, "int8")
     ids = torch.randint(0, 50257, (1, 16))
     assert torch.equal(model.generate(ids, max_new_tokens=8, compile=True), model.generate(ids, max_new_tokens=8))
+
+
+@pytest.mark.parametrize("kind", ["float64", "int4 at GPT-2's vocabulary"])
+def test_compile_works_where_the_cpp_templates_do_not_reach(kind):
+    """The cases cpu_compile_options keeps ATEN for: float64 matmuls (no C++ template takes them: "CPP" alone
+    fails with NoValidChoicesError) and int4's lm_head with 50257 rows (torch's op, no template)."""
+    import nanogpt2
+    from nanogpt2 import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    vocab = 101 if kind == "float64" else 50257
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=vocab, n_positions=64)).eval()
+    with torch.no_grad():
+        model.transformer.wte.weight.normal_(0.0, 0.5)   # peaky logits: rounding cannot flip a token
+    model = model.to(torch.float64) if kind == "float64" else nanogpt2.quantize(model, "int4", 32)
+    ids = torch.randint(0, vocab, (1, 9))
+    assert torch.equal(model.generate(ids, max_new_tokens=4, compile=True), model.generate(ids, max_new_tokens=4))
