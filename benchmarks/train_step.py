@@ -32,6 +32,7 @@ import multiprocessing
 import os
 import socket
 import statistics
+import sys
 import time
 from contextlib import nullcontext
 from queue import Empty
@@ -227,14 +228,20 @@ def run_mode(mode: str, args, config: dict, shape: tuple, steps: int) -> list:
             if any(p.exitcode not in (None, 0) for p in procs):
                 break
     timed_out = figures is None and waited >= RANK_TIMEOUT_S
-    for p in procs:
+    stuck = []   # ranks still alive 60 s after every rank's figures were gathered: a hang in teardown, not a result
+    for rank, p in enumerate(procs):
         if figures is None and p.is_alive():
             p.terminate()      # a rank died or time ran out: the others would wait for it in a collective
         p.join(timeout=60)
         if p.is_alive():
             p.terminate()
             p.join()
-    codes = [p.exitcode for p in procs]
+            if figures is not None:
+                stuck.append(rank)
+    if stuck:   # seen once under a loaded test suite (rank 1, after the gather): said, not hidden
+        print(f"# --fsdp mode {mode}: rank(s) {stuck} had not exited 60 s after the figures were gathered (a hang "
+              "in process-group teardown); stopped them. The figures are complete.", file=sys.stderr, flush=True)
+    codes = [p.exitcode for rank, p in enumerate(procs) if rank not in stuck]
     if figures is None or any(c != 0 for c in codes):
         why = (f"no figures from rank 0 within {RANK_TIMEOUT_S} s" if timed_out
                else "the failing rank's traceback is printed above")
