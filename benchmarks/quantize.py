@@ -325,6 +325,18 @@ def quality_label(mode, g):
     return f"int4-g{g}" if mode == "int4" else mode
 
 
+def loaded_schemes(path, table: Table):
+    """(label, model) for each quality scheme of the checkpoint at `path`; a scheme that cannot load (a group size
+    that does not divide n_embd) becomes a "failed" row of `table` instead."""
+    for mode, g in quality_schemes(QUALITY_GROUPS):
+        try:
+            model = load_scheme(path, mode, g)
+        except ValueError as e:
+            table.add(quality_label(mode, g), f"  failed: {e}")
+            continue
+        yield quality_label(mode, g), model
+
+
 def load_scheme(path, mode, g):
     if mode == "bf16":
         return GPT2LMHeadModel.from_pretrained(path, dtype="bfloat16")
@@ -341,14 +353,9 @@ def shape_quality(args, path, tokens) -> Table:
     print(f"\n# quality of the speed model's weights ({'tiny' if args.quick else args.model or args.preset} shape): "
           f"{T} next-token predictions of shakespeare's validation text")
     table = Table([("scheme", 12), ("KL(fp32||q) nats", 18), ("top-1 agree %", 15)])
-    for mode, g in quality_schemes(QUALITY_GROUPS):
-        try:
-            model = load_scheme(path, mode, g)
-        except ValueError as e:
-            table.add(quality_label(mode, g), f"  failed: {e}")
-            continue
+    for label, model in loaded_schemes(path, table):
         kl, agree = kl_top1(ref, model, ids)
-        table.add(quality_label(mode, g), kl, 100 * agree)
+        table.add(label, kl, 100 * agree)
     return table
 
 
@@ -368,15 +375,10 @@ def bundled_quality(args, tokens) -> Table:
     table = Table([("scheme", 12), ("perplexity", 12), ("vs fp32 %", 11), ("KL(fp32||q) nats", 18),
                    ("top-1 agree %", 15)])
     table.add("fp32", base, 0.0, 0.0, 100.0)
-    for mode, g in quality_schemes(QUALITY_GROUPS):
-        try:
-            model = load_scheme(BUNDLED, mode, g)
-        except ValueError as e:
-            table.add(quality_label(mode, g), f"  failed: {e}")
-            continue
+    for label, model in loaded_schemes(BUNDLED, table):
         ppl = sliding_window_perplexity(model, tokens, None, PPL_STRIDE)[0]
         kl, agree = kl_top1(ref, model, ids)
-        table.add(quality_label(mode, g), ppl, 100 * (ppl / base - 1), kl, 100 * agree)
+        table.add(label, ppl, 100 * (ppl / base - 1), kl, 100 * agree)
     return table
 
 
