@@ -29,7 +29,7 @@ gpu_check = _load_tool("gpu_check")
 sync_check = _load_tool("sync_check")
 PLAN, Part = gpu_check.PLAN, gpu_check.Part
 PY = sys.executable
-DRY_PARTS = "env,gpu-tests,sync-check,bench-train"
+DRY_PARTS = "env,gpu-tests,sync-check,bench-train,profile"
 
 
 def test_the_budgets_fit_five_minutes_and_the_deadline_the_device_limit():
@@ -189,3 +189,5 @@ def test_make_gpu_check_dry_runs_the_plan_on_cpu(tmp_path):
     assert "ran (no CUDA" in (tmp_path / "sync-check.log").read_text()
     assert len((tmp_path / "bench-train.csv").read_text().strip().splitlines()) >= 2
     assert (tmp_path / "gpu-tests.xml").exists()
+    profile = (tmp_path / "profile.log").read_text()
+    assert "## decode (per new token)" in profile and "## training step (per step)" in profile

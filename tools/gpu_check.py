@@ -80,7 +80,7 @@ PLAN = [
     Part("env", "the machine: nvidia-smi, driver, GPU, torch/CUDA/triton/transformers versions",
          (PY, "tools/gpu_check.py", "--environment"), budget_s=10, timeout_s=60),
     pytest_part("kernel-tests", "flash, decode and int8/int4 matmul kernels vs fp64 references: fp32/fp16/bf16, "
-                "GPU tile configs", KERNEL_TESTS, budget_s=85, timeout_s=210, gpu_only=("-n", "4")),
+                "GPU tile configs", KERNEL_TESTS, budget_s=75, timeout_s=210, gpu_only=("-n", "4")),
     pytest_part("model-tests", "whole model, triton vs sdpa on CUDA: logits, gradients, generation",
                 MODEL_TESTS, budget_s=25, timeout_s=90),
     pytest_part("gpu-tests", "every other test marked gpu (or cuda_graphs): CUDA-graph decode and the like",
@@ -96,11 +96,13 @@ PLAN = [
                ("--quick", "--warmup", "0", "--repeats", "1"), budget_s=25, timeout_s=120),
     bench_part("bench-decode", "greedy decode B=1 and B=8, eager and compile=True (CUDA graphs) vs transformers",
                "decode.py", ("--dtype", "bfloat16", "--compile", "--batches", "1", "8", "--new-tokens", "128"),
-               ("--quick", "--batches", "1", "8"), budget_s=50, timeout_s=180,
+               ("--quick", "--batches", "1", "8"), budget_s=45, timeout_s=180,
                env={"TORCH_LOGS": "graph_breaks,recompiles"}),
     bench_part("bench-train", "one training step, 124M, 16x1024, bf16 autocast, vs transformers; MFU",
                "train_step.py", ("--autocast", "bfloat16", "--shapes", "16x1024"), ("--quick",),
                budget_s=20, timeout_s=90),
+    Part("profile", "where the time goes: torch.profiler kernel tables of a compiled decode and a training step",
+         (PY, "tools/gpu_profile.py"), budget_s=15, timeout_s=90, dry=(PY, "tools/gpu_profile.py", "--quick")),
 ]
 PARTS = {p.name: p for p in PLAN}
 
@@ -335,6 +337,13 @@ def main(argv=None) -> int:
     if not args.dry and shutil.which("nvidia-smi") is None:
         print("[gpu-check] no nvidia-smi on PATH: if this machine has no GPU, DRY=1 (--dry) is the CPU plan",
               flush=True)
+    if not args.dry and args.only != [PARTS["env"]]:
+        r = subprocess.run([PY, "-c", "import nanogpt2.kernels"], cwd="/", capture_output=True, text=True)
+        if r.returncode != 0:   # every part would fail the same way: say so once, before spending device time
+            print(f"[gpu-check] {PY} cannot import nanogpt2.kernels (the package is not installed):\n"
+                  f"{r.stderr.strip()[-600:]}\ninstall it first: {PY} -m pip install --no-deps "
+                  f"--no-build-isolation -e .", flush=True)
+            return 2
     results = run_plan(args.only or PLAN, out, dry=args.dry)
     for r in results:
         if not r.ok and os.path.exists(os.path.join(out, f"{r.part.name}.log")):
