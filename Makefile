@@ -30,9 +30,12 @@ test: setup
 clean:
 	rm -rf $(VENV) build *.egg-info
 
-# The GPU check (issue 13; tools/gpu_check.py): the GPU's tests and benchmarks, logs + CSVs + summary.txt in $(OUT).
-# On the device machine (no network: nothing is created or installed here), from the repository root:
+# The GPU check (issue 13; tools/gpu_check.py): the GPU's tests and benchmarks, logs + CSVs + summary.txt in $(OUT),
+# all of them also packed in $(OUT)/gpu-check.tar.gz. On the device machine (no network: nothing is created or
+# installed here), from the repository root (pyproject.toml lets pip install editable without an index):
 #   python3 -m pip install -q --no-deps --no-build-isolation -e . && make gpu-check
+# Where only a few files come back from the machine, keep the parts' files elsewhere and bring the two:
+#   ... && make gpu-check OUT=gpu-out; cp gpu-out/summary.txt gpu-out/gpu-check.tar.gz "$$OUT"/
 #   make gpu-check ONLY=bench-decode      # rerun one part; `python3 tools/gpu_check.py --list` names them
 #   make gpu-check DRY=1                  # the same plan on CPU (tiny shapes), with ./.venv's python if present
 # It runs $(PYTHON) as it finds it (python3: the image's); DRY=1 prefers the venv `make setup` made.

@@ -46,6 +46,7 @@ def _decode_split_kernel(Q, K, V, SEQLENS, KV_START, Out, O_PART, LSE_PART,
                          HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KV_START: tl.constexpr):
     # grid = (B·nh, num_splits); this program covers cache positions [split·split_size, (split+1)·split_size).
     # B·nh on axis 0: CUDA caps axes 1 and 2 at 65535.
+    qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 under torch.compile (inductor's float args): keep the state fp32
     off_bh = tl.program_id(0)
     split = tl.program_id(1)
     off_b = off_bh // H

@@ -148,6 +148,9 @@ def _attn_fwd(Q, K, V, Out, LSE, KV_START,
     # grid = (B·nh, cdiv(T, BLOCK_M)): one program per block of BLOCK_M query rows of one head.
     # Parallelising over query blocks as well as batch·heads is FA2 §3.2 (better occupancy at long T).
     # B·nh goes on axis 0 because CUDA caps grid axes 1 and 2 at 65535 (axis 0 at 2**31 - 1).
+    # torch.compile passes Python floats as fp64 scalars (inductor: "Python floats are natively fp64"), which
+    # would turn the fp32 softmax state fp64 and fail Triton's loop-carried type check: fp32 from here on
+    qk_scale = tl.cast(qk_scale, tl.float32)
     off_bh = tl.program_id(0)
     start_m = _query_block(CAUSAL) * BLOCK_M
     off_b = off_bh // H
@@ -283,6 +286,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, KV_START,
     # grid = (B·nh, cdiv(T, BLOCK_N)): one program owns one key block and loops over query blocks,
     # so it alone writes its rows of dK and dV (FA2 §3.2: parallelise the backward over keys).
     # Causal: key block 0 is seen by every query, so the heaviest programs already launch first.
+    sm_scale = tl.cast(sm_scale, tl.float32)  # fp64 under torch.compile: see _attn_fwd
+    qk_scale = tl.cast(qk_scale, tl.float32)
     off_bh = tl.program_id(0)
     start_n = tl.program_id(1) * BLOCK_N
     off_b = off_bh // H
@@ -385,6 +390,8 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, KV_START,
                  CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # grid = (B·nh, cdiv(T, BLOCK_M)): one program owns one query block and loops over key blocks,
     # the same walk as the forward (so the same three runs of masked/unmasked blocks, heaviest first).
+    sm_scale = tl.cast(sm_scale, tl.float32)  # fp64 under torch.compile: see _attn_fwd
+    qk_scale = tl.cast(qk_scale, tl.float32)
     off_bh = tl.program_id(0)
     start_m = _query_block(CAUSAL) * BLOCK_M
     off_b = off_bh // H

@@ -18,7 +18,6 @@ import importlib.util
 import math
 import os
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -27,15 +26,26 @@ import torch.nn.functional as F
 BACKENDS = ("auto", "triton", "sdpa", "eager")
 
 
-@lru_cache(maxsize=None)
+_UNLOADED = object()
+_KERNELS = _UNLOADED
+
+
 def _kernels():
     """The Triton kernels module, or None when the triton package is not installed (e.g. macOS, where sdpa and
     eager still work). Decided by whether triton is installed, never by catching an error: a kernel module that
-    fails to import (a bug, a triton too old) raises here rather than quietly turning "auto" into sdpa."""
-    if importlib.util.find_spec("triton") is None:
-        return None
-    from . import kernels   # imported on first use: triton's import costs ~1 s, and CPU runs rarely need it
-    return kernels
+    fails to import (a bug, a triton too old) raises here rather than quietly turning "auto" into sdpa.
+
+    Cached in a module global, not functools.lru_cache: torch.compile traces through an lru_cache wrapper (and
+    then breaks the graph at importlib's find_spec), while a global it reads as a constant. On CUDA machines the
+    module loads when this file is imported (below), so a compiled model never traces the import itself."""
+    global _KERNELS
+    if _KERNELS is _UNLOADED:
+        if importlib.util.find_spec("triton") is None:
+            _KERNELS = None
+        else:
+            from . import kernels   # on first use: triton's import costs ~1 s, and CPU runs rarely need it
+            _KERNELS = kernels
+    return _KERNELS
 
 
 def triton_interpreting() -> bool:
@@ -276,3 +286,7 @@ def _triton(q, k, v, mask, scale):
 
 def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
+
+
+if torch.cuda.is_available():   # "auto" will pick the kernels: load them now, outside any torch.compile trace
+    _kernels()

@@ -53,8 +53,8 @@ def init_distributed(device: str, need_group: bool = False) -> tuple[Dist, torch
     d = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if d.enabled and device == "cuda":
-        device = f"cuda:{d.local_rank}"
+    if device == "cuda":   # an index: torch.cuda.set_device refuses a bare "cuda"
+        device = f"cuda:{d.local_rank if d.enabled else torch.cuda.current_device()}"
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)

@@ -9,6 +9,8 @@ worker can import them.
 import contextlib
 import multiprocessing
 import os
+import pickle
+import traceback
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -26,6 +28,20 @@ def gpu_only(test):
     return pytest.mark.gpu(skip(test))
 
 
+def _call(case, *args):
+    """case(*args) in the worker. An exception that cannot be pickled back (torch.compile's InductorError holds
+    closures) is re-raised as a RuntimeError carrying its whole traceback, instead of the pool's bare
+    "cannot pickle 'cell' object"."""
+    try:
+        return case(*args)
+    except Exception as e:
+        try:
+            pickle.dumps(e)
+        except Exception:
+            raise RuntimeError("".join(traceback.format_exception(e))) from None
+        raise
+
+
 class KernelProcess:
     def __init__(self):
         self._pool = None
@@ -34,7 +50,7 @@ class KernelProcess:
         if self._pool is None:  # "spawn": a fresh interpreter, not a fork of pytest's state
             self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
         try:
-            return self._pool.submit(case, *args).result()  # the child's exception re-raises here
+            return self._pool.submit(_call, case, *args).result()  # the child's exception re-raises here
         except BrokenProcessPool:
             self._pool = None
             pytest.fail(f"the kernel process died in {case.__name__}{args} "

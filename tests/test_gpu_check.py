@@ -106,6 +106,11 @@ def test_a_failing_part_does_not_stop_the_plan(tmp_path):
     for name, s in status.items():
         assert any(line.startswith(name) and s in line for line in summary.splitlines()), summary
     assert "3 failed" in summary and "failed: fails, hangs, forgets" in summary
+    import tarfile
+    with tarfile.open(tmp_path / "gpu-check.tar.gz") as tar:   # everything, in one file to carry away
+        packed = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    assert packed["gpu-check/summary.txt"].decode() == summary
+    assert b"something broke" in packed["gpu-check/fails.log"] and "gpu-check/passes.csv" in packed
 
 
 def test_parts_past_the_deadline_are_reported_not_run(tmp_path):
@@ -126,9 +131,9 @@ def test_a_part_leaves_the_later_parts_their_budgets():
 @pytest.mark.gpu
 def test_the_test_session_compiles_kernels_on_cuda():
     """tests/conftest.py leaves the interpreter off where CUDA exists, so the kernel tests compile."""
-    from nanogpt2.attention import _kernels
+    from nanogpt2.kernels import _ops
     assert os.environ.get("TRITON_INTERPRET") == "0"
-    assert not _kernels().flash_attention._INTERPRET
+    assert not _ops.INTERPRET   # what every kernel module reads (kernels/__init__ exports functions, not modules)
 
 
 def test_conftest_interprets_only_without_cuda():

@@ -346,6 +346,8 @@ def test_torch_compile_fullgraph(kernel_process, backend):
     kernel_process.run(_case_torch_compile, backend)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU stand-in for the GPU path, which its stand-in driver "
+                    "cannot replace on a machine with CUDA; there test_torch_compile_inductor_gpu runs the real one")
 def test_gpu_registration_traces_into_kernel_nodes():
     """torch.compile on a GPU sees the kernels through triton_op; check that path on CPU in a fresh
     interpreter-free process (TRITON_INTERPRET is read once, at import)."""
@@ -568,23 +570,6 @@ def _case_cuda_graph_replay():
         torch.testing.assert_close(out, step(), atol=0, rtol=0)
 
 
-def _case_decode_speed():
-    """M = 1 at gpt2-xl's lm_head (1600 → 50257: 80 MB of int8, 42 MB of int4 with its scales and zeros,
-    161 MB of bf16): the quantized GEMVs read fewer bytes, so they must beat cuBLAS's bf16 GEMV.
-    Returns µs per call (cold L2, median)."""
-    from triton.testing import do_bench
-
-    K, N = 1600, 50257
-    x = torch.randn(1, K, device=DEVICE).to(torch.bfloat16)
-    w = (torch.randn(N, K, device=DEVICE) * 0.02).to(torch.bfloat16)
-    weight, scales = make_int8(N, K, torch.bfloat16)
-    qweight, s4, z4 = make_int4(N, K, 64, torch.bfloat16)
-    return {name: 1e3 * do_bench(fn, warmup=25, rep=100, return_mode="median") for name, fn in (
-        ("bf16 F.linear", lambda: F.linear(x, w)),
-        ("int8", lambda: int8_linear(x, weight, scales)),
-        ("int4 g64", lambda: int4_linear(x, qweight, s4, z4, 64)))}
-
-
 @gpu_only
 @pytest.mark.parametrize("dtype,K,N", GPU_CASES)
 def test_gpt2_shapes_gpu(kernel_process, capsys, dtype, K, N):
@@ -616,11 +601,3 @@ def test_torch_compile_cuda_graphs_gpu(kernel_process):  # mode="reduce-overhead
 @pytest.mark.cuda_graphs
 def test_cuda_graph_replay_gpu(kernel_process):
     kernel_process.run(_case_cuda_graph_replay)
-
-
-@gpu_only
-def test_decode_gemv_beats_bf16_cublas_gpu(kernel_process, capsys):
-    us = kernel_process.run(_case_decode_speed)
-    with capsys.disabled():
-        print("\nM=1, 1600→50257, cold L2: " + ", ".join(f"{k} {v:.1f} µs" for k, v in us.items()))
-    assert us["int8"] < us["bf16 F.linear"] and us["int4 g64"] < us["bf16 F.linear"], us

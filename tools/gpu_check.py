@@ -12,7 +12,8 @@ root, as one command of at most 10 minutes:
 
 Everything goes to --out (default $OUT, else ./gpu-out): <part>.log for each part (the command, then its
 stdout and stderr), the CSVs and JUnit XML files the parts write, and summary.txt: each part's status, wall
-time and budget, rewritten after every part so that even a killed run leaves one. Parts run in the plan's
+time and budget; and all of them packed in gpu-check.tar.gz, one file to carry off the machine. Both are
+rewritten after every part, so that even a killed run leaves them. Parts run in the plan's
 order, with compiled kernels (TRITON_INTERPRET=0); a failing part does not stop the next; the exit status
 is 1 if any part failed, timed out, or did not write what it promised.
 
@@ -33,6 +34,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from dataclasses import dataclass, field
 from xml.etree import ElementTree
@@ -245,9 +247,18 @@ def summary_table(results: list[Result], dry: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
+BUNDLE = "gpu-check.tar.gz"
+
+
 def write_summary(results: list[Result], out: str, dry: bool) -> None:
+    """summary.txt, then every file in `out` (logs, CSVs, XML, the summary) packed into gpu-check.tar.gz."""
     with open(os.path.join(out, "summary.txt"), "w") as f:
         f.write(summary_table(results, dry))
+    with tarfile.open(os.path.join(out, BUNDLE + ".partial"), "w:gz") as tar:
+        for name in sorted(os.listdir(out)):
+            if not name.startswith(BUNDLE) and os.path.isfile(os.path.join(out, name)):
+                tar.add(os.path.join(out, name), arcname=os.path.join("gpu-check", name))
+    os.replace(os.path.join(out, BUNDLE + ".partial"), os.path.join(out, BUNDLE))
 
 
 def log_tail(out: str, name: str, lines: int = 25) -> str:
