@@ -66,7 +66,18 @@ def on_device(t):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-# -- shared by launchers: device facts, dot precision, the first config that fits ------------------------
+# -- shared by launchers: integer helpers, device facts, dot precision, the first config that fits ----------
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for launch grids. Plain Python: triton.cdiv is a constexpr_function in newer Tritons, whose
+    argument unwrapping cost ~5 µs a call, 20 µs of a decode launch's host time (measured on CPU)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1); plain Python, as cdiv."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 @functools.lru_cache(maxsize=None)

@@ -172,8 +172,8 @@ def _num_sms(device):
 def _default_num_splits(batch_heads, s_max, block_n, device):
     """Enough programs to cover every SM a few times over, but never splits shorter than two blocks
     (each split costs a partial write and a share of the merge). Depends on shapes only."""
-    want = triton.cdiv(4 * _num_sms(device), batch_heads)
-    most = triton.cdiv(s_max, 2 * block_n)
+    want = _ops.cdiv(4 * _num_sms(device), batch_heads)
+    most = _ops.cdiv(s_max, 2 * block_n)
     return max(1, min(want, most, MAX_SPLITS))
 
 
@@ -242,7 +242,7 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache
     block_n = _block_n(D)
     if num_splits is None:
         num_splits = _default_num_splits(B * H, S_max, block_n, q.device)
-    split_size = triton.cdiv(triton.cdiv(S_max, num_splits), block_n) * block_n
+    split_size = _ops.cdiv(_ops.cdiv(S_max, num_splits), block_n) * block_n
     if num_splits == 1:  # the split kernel writes `out` itself; the partials are never touched, but stay
         # fp32 pointers: an argument's dtype is part of what Triton compiles for (a new dtype, a new variant)
         o_part = lse_part = torch.empty((1,), dtype=torch.float32, device=q.device)

@@ -619,7 +619,7 @@ def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: Opti
                       DOT_PRECISION=_dot_precision(q.dtype))
     with _ops.on_device(q):
         _launch("fwd", _ops.launch(_attn_fwd), _fwd_configs(D, q.dtype),
-                lambda bm, bn: (B * H, triton.cdiv(T, bm)), args, constexprs, q.device)
+                lambda bm, bn: (B * H, _ops.cdiv(T, bm)), args, constexprs, q.device)
     return out, lse
 
 
@@ -641,18 +641,18 @@ def _flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     prec = _dot_precision(q.dtype)
     with _ops.on_device(q):
         pre_block = 16 if _INTERPRET else 128
-        _ops.launch(_attn_bwd_preprocess)[(B * H, triton.cdiv(T, pre_block))](
+        _ops.launch(_attn_bwd_preprocess)[(B * H, _ops.cdiv(T, pre_block))](
             out, do, delta, *_strides(out), *_strides(do), H, T, HEAD_DIM=D, BLOCK_M=pre_block)
         if dlse is not None:
             delta -= dlse  # in place: delta stays (B, nh, T) contiguous, as the kernels index it
         common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
         _launch("bwd_dkdv", _ops.launch(_attn_bwd_dkdv), _bwd_dkdv_configs(D, q.dtype),
-                lambda bm, bn: (B * H, triton.cdiv(T, bn)),
+                lambda bm, bn: (B * H, _ops.cdiv(T, bn)),
                 (q, k, v, do, dk, dv, lse, delta, kv, *common, *_strides(dk), *_strides(dv),
                  H, T, sm_scale, sm_scale * LOG2E),
                 dict(HEAD_DIM=D, CAUSAL=causal, HAS_KV_START=has_kv, DOT_PRECISION=prec), q.device)
         _launch("bwd_dq", _ops.launch(_attn_bwd_dq), _bwd_dq_configs(D, q.dtype),
-                lambda bm, bn: (B * H, triton.cdiv(T, bm)),
+                lambda bm, bn: (B * H, _ops.cdiv(T, bm)),
                 (q, k, v, do, dq, lse, delta, kv, *common, *_strides(dq), H, T, sm_scale, sm_scale * LOG2E),
                 dict(HEAD_DIM=D, CAUSAL=causal, HAS_KV_START=has_kv, DOT_PRECISION=prec), q.device)
     return dq, dk, dv

@@ -312,9 +312,9 @@ def _gemm_configs(M, N, dtype, group_size, device):
     tiles = _GEMM_TILES
     if dtype == torch.float32:
         tiles = _GEMM_TILES_IEEE if _ops.dot_precision(dtype) == "ieee" else _GEMM_TILES_TF32
-    rows = max(16, triton.next_power_of_2(M))
+    rows = max(16, _ops.next_power_of_2(M))
     fitting = [t for t in tiles if t[0] <= rows] or tiles[-1:]  # no taller tile than there are rows
-    enough = [t for t in fitting if triton.cdiv(M, t[0]) * triton.cdiv(N, t[1]) >= _ops.num_sms(device)]
+    enough = [t for t in fitting if _ops.cdiv(M, t[0]) * _ops.cdiv(N, t[1]) >= _ops.num_sms(device)]
     start = fitting.index(enough[0]) if enough else len(fitting) - 1
     configs = []
     for block_m, block_n, block_k, warps, stages in fitting[start:]:
@@ -336,10 +336,10 @@ def _gemv_config(N, K, group_size, device):
     if _INTERPRET:                   # several K-steps and a ragged last one on the tests' small shapes
         block_n, step = 4, (2 if group_size else 32)
     else:
-        block_n = next((b for b in (16, 8) if triton.cdiv(N, b) >= 2 * _ops.num_sms(device)), 4)
+        block_n = next((b for b in (16, 8) if _ops.cdiv(N, b) >= 2 * _ops.num_sms(device)), 4)
         most = 512 // unit
         dividing = next(p for p in (most >> i for i in range(most.bit_length())) if p == 1 or units % p == 0)
-        step = dividing if 2 * dividing >= most else min(most, triton.next_power_of_2(max(units, 1)))
+        step = dividing if 2 * dividing >= most else min(most, _ops.next_power_of_2(max(units, 1)))
     if group_size is None:
         return dict(BLOCK_N=block_n, BLOCK_K=step, EVEN_K=K % step == 0, num_warps=4)
     return dict(BLOCK_N=block_n, GROUPS=step, EVEN_GROUPS=units % step == 0, num_warps=4)
@@ -442,7 +442,7 @@ def _launch(x, fmt, w, scales, zeros, bias, group_size, kernel):
     with _ops.on_device(x):
         if _pick_kernel(M, kernel) == "gemv":
             cfg = _gemv_config(N, K, group_size, x.device)
-            grid = (triton.cdiv(N, cfg["BLOCK_N"]) * M,)
+            grid = (_ops.cdiv(N, cfg["BLOCK_N"]) * M,)
             if fmt == "int8":
                 _ops.launch(_int8_gemv_kernel)[grid](x2, w, scales, bias_arg, out, *common,
                                                      HAS_BIAS=bias is not None, **cfg)
@@ -461,7 +461,7 @@ def _launch(x, fmt, w, scales, zeros, bias, group_size, kernel):
             constexprs["GROUP_SIZE"] = group_size
         key = (f"{fmt}_gemm", x.dtype, tuple(configs[0].items()), x.device)
         _ops.launch_first_fit(key, _ops.launch(kernel_fn), configs,
-                              lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),),
+                              lambda c: (_ops.cdiv(M, c["BLOCK_M"]) * _ops.cdiv(N, c["BLOCK_N"]),),
                               args, constexprs)
     return out
 
