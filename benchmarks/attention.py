@@ -12,6 +12,10 @@ Three sections, GPT-2 small's heads (nh=12, hs=64) throughout:
 q, k, v are strided views of one (B, T, 3, nh, hs) tensor, as the model's c_attn produces them.
 Every result is checked against fp32 SDPA before it is timed; a wrong one prints WRONG, not a speed.
 "peak MiB" is memory allocated by one call beyond its inputs. "vs flash" = sdpa-flash ms / ms.
+Two times per row: "ms" is the wall time per call of back-to-back eager calls, so a call whose host work
+(checks, allocation, launches) outlasts its kernels is timed by its host work; "graph ms" (GPU only) is one
+call's device time with the host taken out, from a CUDA graph of --repeats calls replayed, as the kernels run
+inside a captured decode step. "graph vs" = sdpa-flash graph ms / graph ms: the kernels' own comparison.
 """
 
 import argparse
@@ -122,6 +126,35 @@ def time_ms(fn):
     return (time.perf_counter() - t0) * 1e3 / OPTS.repeats
 
 
+def graph_ms(fn):
+    """Device time of one call (ms): OPTS.repeats calls captured in one CUDA graph, the graph replayed; None
+    on CPU. Warmed up on a side stream first, as torch.cuda.graphs asks (allocator and autograd state)."""
+    if not ON_GPU:
+        return None
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(OPTS.repeats):
+            fn()
+    graph.replay()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(REPLAYS):
+        graph.replay()
+    sync()
+    ms = (time.perf_counter() - t0) * 1e3 / (REPLAYS * OPTS.repeats)
+    del graph
+    return ms
+
+
+REPLAYS = 5
+
+
 def peak_mib(fn):
     """Memory one call allocates beyond what is already allocated (MiB); None on CPU."""
     if not ON_GPU:
@@ -143,20 +176,25 @@ def fits_in_memory(nbytes):
 
 
 def measure(fn, check):
-    """Check, then time. Returns (ms, peak MiB, note); ms is None when the result is wrong or the
-    implementation is unavailable for these inputs."""
+    """Check, then time. Returns (ms, graph ms, peak MiB, note); ms is None when the result is wrong or the
+    implementation is unavailable for these inputs; graph ms None on CPU, or when capture failed (the note
+    then says why: a nanogpt2 kernel that cannot be captured is a bug the table must show)."""
     try:
         err = check()
     except torch.cuda.OutOfMemoryError:
-        return None, None, "OOM"
+        return None, None, None, "OOM"
     except RuntimeError as e:  # e.g. an SDPA backend that refuses this dtype/device
-        return None, None, "unavailable: " + str(e).split("\n")[0][:50]
+        return None, None, None, "unavailable: " + str(e).split("\n")[0][:50]
     if err is not None:
-        return None, None, err
+        return None, None, None, err
     try:
-        return time_ms(fn), peak_mib(fn), ""
+        ms, mib = time_ms(fn), peak_mib(fn)
     except torch.cuda.OutOfMemoryError:
-        return None, None, "OOM"
+        return None, None, None, "OOM"
+    try:
+        return ms, graph_ms(fn), mib, ""
+    except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+        return ms, None, mib, "graph capture failed: " + str(e).split("\n")[0][:60]
 
 
 # ---- sections ----------------------------------------------------------------------------------------
@@ -245,14 +283,17 @@ def bench_decode(dtype):
 
 
 def _rows(section, B, T, heads, results, flops=None, nbytes=None):
-    flash_ms = results.get("sdpa-flash", (None,))[0]
+    """Table rows; the rates (TFLOP/s, GB/s) use the graph time where there is one (the kernels' own speed)."""
+    flash_ms, _, flash_graph_ms = results.get("sdpa-flash", (None, None, None, None))[:3]
     rows = []
-    for name, (ms, mib, note) in results.items():
+    for name, (ms, gms, mib, note) in results.items():
+        t = gms or ms
         rows.append(dict(
-            section=section, B=B, T=T, H=heads, D=D, impl=name, ms=ms,
-            tflops=flops / (ms * 1e-3) / 1e12 if ms and flops else None,
-            gbps=nbytes / (ms * 1e-3) / 1e9 if ms and nbytes else None,
-            peak_mib=mib, vs_flash=flash_ms / ms if ms and flash_ms else None, note=note,
+            section=section, B=B, T=T, H=heads, D=D, impl=name, ms=ms, graph_ms=gms,
+            tflops=flops / (t * 1e-3) / 1e12 if t and flops else None,
+            gbps=nbytes / (t * 1e-3) / 1e9 if t and nbytes else None,
+            peak_mib=mib, vs_flash=flash_ms / ms if ms and flash_ms else None,
+            graph_vs_flash=flash_graph_ms / gms if gms and flash_graph_ms else None, note=note,
         ))
     return rows
 
@@ -268,16 +309,19 @@ def print_table(rows, section, dtype_name):
     if section == "decode":
         print(f"\ndecode  {dtype_name}  nh={rows[0]['H']} hs={D}  one query per row, full cache  "
               f"(GB/s = 2·B·nh·S·hs·bytes / t)")
-        print(f"{'B':>4} {'cache':>6}  {'impl':<13}{'ms':>9} {'GB/s':>8} {'peak MiB':>9} {'vs flash':>9}  note")
+        print(f"{'B':>4} {'cache':>6}  {'impl':<13}{'ms':>9} {'graph ms':>9} {'GB/s':>8} {'peak MiB':>9} "
+              f"{'vs flash':>9} {'graph vs':>9}  note")
     else:
         mult = "3.5·" if section == "forward+backward" else ""
         print(f"\nattention {section}  {dtype_name}  nh={rows[0]['H']} hs={D} causal  "
               f"(TFLOP/s = {mult}2·B·nh·T²·hs / t)")
-        print(f"{'B':>4} {'T':>6}  {'impl':<13}{'ms':>9} {'TFLOP/s':>8} {'peak MiB':>9} {'vs flash':>9}  note")
+        print(f"{'B':>4} {'T':>6}  {'impl':<13}{'ms':>9} {'graph ms':>9} {'TFLOP/s':>8} {'peak MiB':>9} "
+              f"{'vs flash':>9} {'graph vs':>9}  note")
     for r in rows:
         rate = r["gbps"] if section == "decode" else r["tflops"]
-        print(f"{r['B']:>4} {r['T']:>6}  {r['impl']:<13}{_fmt(r['ms'], 9, 3)} {_fmt(rate, 8, 1)} "
-              f"{_fmt(r['peak_mib'], 9, 1)} {_fmt(r['vs_flash'], 9, 2)}  {r['note']}")
+        print(f"{r['B']:>4} {r['T']:>6}  {r['impl']:<13}{_fmt(r['ms'], 9, 3)} {_fmt(r['graph_ms'], 9, 3)} "
+              f"{_fmt(rate, 8, 1)} {_fmt(r['peak_mib'], 9, 1)} {_fmt(r['vs_flash'], 9, 2)} "
+              f"{_fmt(r['graph_vs_flash'], 9, 2)}  {r['note']}")
 
 
 def machine_line(dtype_name):
