@@ -36,7 +36,7 @@ def test_the_budgets_fit_five_minutes_and_the_deadline_the_device_limit():
     names = [p.name for p in PLAN]
     assert len(set(names)) == len(names)
     assert names[0] == "env", "the machine is recorded first"
-    assert sum(p.budget_s for p in PLAN) <= gpu_check.GPU_BUDGET_S == 300
+    assert sum(p.budget_s for p in PLAN) <= gpu_check.GPU_BUDGET_S <= gpu_check.DEADLINE_S
     assert gpu_check.DEADLINE_S <= 570, "the summary must be written before the device tool's 600 s limit"
     for p in PLAN:
         assert 0 < p.budget_s <= p.timeout_s, p.name
@@ -58,7 +58,7 @@ def test_list_prints_every_part_with_its_budget():
     for p in PLAN:
         line = next(line for line in r.stdout.splitlines() if line.startswith(p.name + " "))
         assert str(p.budget_s) in line and str(p.timeout_s) in line
-    assert "total" in r.stdout and "300" in r.stdout
+    assert "total" in r.stdout and str(sum(p.budget_s for p in PLAN)) in r.stdout
 
 
 def test_only_keeps_the_plan_order_and_names_the_valid_parts():

@@ -21,7 +21,8 @@ Tests: the kernel and model test files run whole; of the other test files, the t
 @pytest.mark.gpu (or cuda_graphs, which implies gpu; tests/conftest.py registers both and skips them
 without CUDA).
 
-Time: the budgets add up to 300 s on an H100 (estimates until the first run measures them). A part is
+Time: the budgets add up to 540 s, from the first run (H200, 2026-11-28: 493 s, five parts failing early), not
+the 300 s issue 13 asked for: the kernel tests' compiles alone took 178 s. A part is
 stopped at its timeout, and the whole plan at DEADLINE_S, so that the summary is written before the device
 tool's 10-minute limit. DRY=1 has neither: its CPU times say nothing about the GPU's.
 """
@@ -41,9 +42,9 @@ from xml.etree import ElementTree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
-DEADLINE_S = 540        # the whole plan on the GPU; the device tool stops a command at 600 s
+DEADLINE_S = 560        # the whole plan on the GPU; the device tool stops a command at 600 s
 DRY_TIMEOUT_S = 600     # per part in DRY mode (2 CPU cores, the Triton interpreter)
-GPU_BUDGET_S = 300      # what the budgets may add up to: issue 13's "total <= 5 minutes on an H100"
+GPU_BUDGET_S = 540      # what the budgets may add up to (issue 13 asked for 300: see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -80,31 +81,31 @@ def bench_part(name: str, what: str, script: str, gpu_args: tuple, dry_args: tup
 
 PLAN = [
     Part("env", "the machine: nvidia-smi, driver, GPU, torch/CUDA/triton/transformers versions",
-         (PY, "tools/gpu_check.py", "--environment"), budget_s=10, timeout_s=60),
+         (PY, "tools/gpu_check.py", "--environment"), budget_s=5, timeout_s=60),
     pytest_part("kernel-tests", "flash, decode and int8/int4 matmul kernels vs fp64 references: fp32/fp16/bf16, "
-                "GPU tile configs", KERNEL_TESTS, budget_s=75, timeout_s=210, gpu_only=("-n", "4")),
+                "GPU tile configs", KERNEL_TESTS, budget_s=180, timeout_s=240, gpu_only=("-n", "4")),
     pytest_part("model-tests", "whole model, triton vs sdpa on CUDA: logits, gradients, generation",
                 MODEL_TESTS, budget_s=25, timeout_s=90),
     pytest_part("gpu-tests", "every other test marked gpu (or cuda_graphs): CUDA-graph decode and the like",
                 ("-m", "gpu", "tests") + tuple(f"--ignore={t}" for t in KERNEL_TESTS + MODEL_TESTS),
-                budget_s=40, timeout_s=120),
+                budget_s=75, timeout_s=150),
     Part("sync-check", "a decode step and a training step under torch.cuda.set_sync_debug_mode('error')",
-         (PY, "tools/sync_check.py"), budget_s=15, timeout_s=60),
+         (PY, "tools/sync_check.py"), budget_s=20, timeout_s=60),
     bench_part("bench-attention", "attention fwd, fwd+bwd and decode kernel vs SDPA flash/mem-eff, bf16",
                "attention.py", ("--dtype", "bf16"), ("--quick", "--warmup", "0", "--repeats", "1"),
-               budget_s=30, timeout_s=120),
+               budget_s=35, timeout_s=120),
     bench_part("bench-quant", "int8/int4 weight-only matmul vs bf16 cuBLAS at GPT-2 shapes: decode GB/s, prefill "
                "TFLOP/s, GEMV/GEMM crossover", "quant_matmul.py", ("--dtype", "bf16"),
-               ("--quick", "--warmup", "0", "--repeats", "1"), budget_s=25, timeout_s=120),
+               ("--quick", "--warmup", "0", "--repeats", "1"), budget_s=45, timeout_s=120),
     bench_part("bench-decode", "greedy decode B=1 and B=8, eager and compile=True (CUDA graphs) vs transformers",
                "decode.py", ("--dtype", "bfloat16", "--compile", "--batches", "1", "8", "--new-tokens", "128"),
-               ("--quick", "--batches", "1", "8"), budget_s=45, timeout_s=180,
+               ("--quick", "--batches", "1", "8"), budget_s=90, timeout_s=180,
                env={"TORCH_LOGS": "graph_breaks,recompiles"}),
     bench_part("bench-train", "one training step, 124M, 16x1024, bf16 autocast, vs transformers; MFU",
                "train_step.py", ("--autocast", "bfloat16", "--shapes", "16x1024"), ("--quick",),
-               budget_s=20, timeout_s=90),
+               budget_s=25, timeout_s=90),
     Part("profile", "where the time goes: torch.profiler kernel tables of a compiled decode and a training step",
-         (PY, "tools/gpu_profile.py"), budget_s=15, timeout_s=90, dry=(PY, "tools/gpu_profile.py", "--quick")),
+         (PY, "tools/gpu_profile.py"), budget_s=40, timeout_s=90, dry=(PY, "tools/gpu_profile.py", "--quick")),
 ]
 PARTS = {p.name: p for p in PLAN}
 
