@@ -22,6 +22,7 @@ import argparse
 import csv
 import math
 import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field, fields
@@ -36,7 +37,10 @@ class Options:
     quick: bool = field(default=False, metadata={
         "help": "tiny shapes; runs on CPU under TRITON_INTERPRET=1 (timings meaningless there)"})
     warmup: int = field(default=5, metadata={"help": "untimed calls before timing"})
-    repeats: int = field(default=20, metadata={"help": "timed calls per measurement"})
+    repeats: int = field(default=20, metadata={
+        "help": "calls per batch (and per captured graph); on a GPU batches repeat until 20 ms have passed"})
+    rounds: int = field(default=0, metadata={
+        "help": "rounds over the implementations, alternating; the median (0: 3, or 1 with --quick)"})
 
 
 def parse_options(argv=None):
@@ -114,16 +118,25 @@ def sync():
         torch.cuda.synchronize()
 
 
+MIN_S = 0.02 if ON_GPU else 0.0   # a measurement runs at least this long: 20 calls of 0.1 ms are timer noise
+MAX_CALLS = 5000
+
+
 def time_ms(fn):
-    """Mean wall time of one call in ms (perf_counter around OPTS.repeats back-to-back calls)."""
+    """Mean wall time of one call in ms: batches of OPTS.repeats back-to-back calls (perf_counter around them,
+    one sync per batch) until MIN_S has passed."""
     for _ in range(OPTS.warmup):
         fn()
     sync()
-    t0 = time.perf_counter()
-    for _ in range(OPTS.repeats):
-        fn()
-    sync()
-    return (time.perf_counter() - t0) * 1e3 / OPTS.repeats
+    calls, t0 = 0, time.perf_counter()
+    while True:
+        for _ in range(OPTS.repeats):
+            fn()
+        calls += OPTS.repeats
+        sync()
+        elapsed = time.perf_counter() - t0
+        if elapsed >= MIN_S or calls >= MAX_CALLS:
+            return elapsed * 1e3 / calls
 
 
 def graph_ms(fn):
@@ -143,16 +156,16 @@ def graph_ms(fn):
             fn()
     graph.replay()
     sync()
-    t0 = time.perf_counter()
-    for _ in range(REPLAYS):
+    replays, t0 = 0, time.perf_counter()
+    while True:
         graph.replay()
-    sync()
-    ms = (time.perf_counter() - t0) * 1e3 / (REPLAYS * OPTS.repeats)
+        replays += 1
+        sync()
+        elapsed = time.perf_counter() - t0
+        if elapsed >= MIN_S or replays * OPTS.repeats >= MAX_CALLS:
+            break
     del graph
-    return ms
-
-
-REPLAYS = 5
+    return elapsed * 1e3 / (replays * OPTS.repeats)
 
 
 def peak_mib(fn):
@@ -175,26 +188,48 @@ def fits_in_memory(nbytes):
     return not ON_GPU or nbytes < 0.7 * torch.cuda.mem_get_info()[0]
 
 
-def measure(fn, check):
-    """Check, then time. Returns (ms, graph ms, peak MiB, note); ms is None when the result is wrong or the
-    implementation is unavailable for these inputs; graph ms None on CPU, or when capture failed (the note
-    then says why: a nanogpt2 kernel that cannot be captured is a bug the table must show)."""
-    try:
-        err = check()
-    except torch.cuda.OutOfMemoryError:
-        return None, None, None, "OOM"
-    except RuntimeError as e:  # e.g. an SDPA backend that refuses this dtype/device
-        return None, None, None, "unavailable: " + str(e).split("\n")[0][:50]
-    if err is not None:
-        return None, None, None, err
-    try:
-        ms, mib = time_ms(fn), peak_mib(fn)
-    except torch.cuda.OutOfMemoryError:
-        return None, None, None, "OOM"
-    try:
-        return ms, graph_ms(fn), mib, ""
-    except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
-        return ms, None, mib, "graph capture failed: " + str(e).split("\n")[0][:60]
+def measure_all(impls: dict) -> dict:
+    """{name: (fn, check)} -> {name: (ms, graph ms, peak MiB, note)}. Each is checked first; those right are
+    timed in OPTS.rounds rounds that alternate between them (so that clocks ramping up, or another process,
+    cannot favour whichever runs first), the median kept. ms is None when the result is wrong or the
+    implementation is unavailable for these inputs; graph ms None on CPU, or when capture failed (the note then
+    says why: a nanogpt2 kernel that cannot be captured is a bug the table must show)."""
+    results, ok = {}, {}
+    for name, (fn, check) in impls.items():
+        try:
+            err = check()
+        except torch.cuda.OutOfMemoryError:
+            err = "OOM"
+        except RuntimeError as e:  # e.g. an SDPA backend that refuses this dtype/device
+            err = "unavailable: " + str(e).split("\n")[0][:50]
+        if err is None:
+            ok[name] = fn
+        else:
+            results[name] = (None, None, None, err)
+    times = {name: [] for name in ok}
+    graph_times = {name: [] for name in ok}
+    notes = {name: "" for name in ok}
+    for _ in range(OPTS.rounds or (1 if OPTS.quick else 3)):
+        for name, fn in ok.items():
+            if notes[name] == "OOM":
+                continue
+            try:
+                times[name].append(time_ms(fn))
+            except torch.cuda.OutOfMemoryError:
+                notes[name] = "OOM"
+                continue
+            if ON_GPU and not notes[name]:
+                try:
+                    graph_times[name].append(graph_ms(fn))
+                except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+                    notes[name] = "graph capture failed: " + str(e).split("\n")[0][:60]
+    for name, fn in ok.items():
+        if notes[name] == "OOM":
+            results[name] = (None, None, None, "OOM")
+            continue
+        graph = statistics.median(graph_times[name]) if graph_times[name] else None
+        results[name] = (statistics.median(times[name]), graph, peak_mib(fn), notes[name])
+    return {name: results[name] for name in impls}
 
 
 # ---- sections ----------------------------------------------------------------------------------------
@@ -228,10 +263,10 @@ def bench_prefill(dtype, backward):
         flops = 2 * B * heads * T * T * D * (3.5 if backward else 1.0)
         eager_bytes = B * heads * T * T * (3 * qkv.element_size() + 8) * (2 if backward else 1)
 
-        results = {}
+        impls, skipped = {}, {}
         for name, attn in PREFILL_IMPLS.items():
             if name == "eager" and not fits_in_memory(eager_bytes):
-                results[name] = (None, None, f"skipped: needs ~{eager_bytes / 2**30:.0f} GiB for (T, T) scores")
+                skipped[name] = (None, None, None, f"skipped: needs ~{eager_bytes / 2**30:.0f} GiB for (T, T) scores")
                 continue
             if backward:
                 def fn(attn=attn):
@@ -250,7 +285,9 @@ def bench_prefill(dtype, backward):
                 def check(fn=fn):
                     e = rel_err(fn(), ref)
                     return None if e <= REL_TOL[dtype] else f"WRONG: rel err {e:.1e}"
-            results[name] = measure(fn, check)
+            impls[name] = (fn, check)
+        results = {**measure_all(impls), **skipped}
+        results = {name: results[name] for name in PREFILL_IMPLS}   # the table's order
         rows += _rows("forward+backward" if backward else "forward", B, T, heads, results, flops=flops)
         del qkv, q, k, v, dout, ref, ref_grad
         if ON_GPU:
@@ -269,7 +306,7 @@ def bench_decode(dtype):
         lens = torch.full((B,), S, dtype=torch.int32, device=DEVICE)
         ref = F.scaled_dot_product_attention(q[:, :, None].float(), k_cache.float(), v_cache.float())[:, :, 0]
         nbytes = 2 * B * heads * S * D * k_cache.element_size()
-        results = {}
+        impls = {}
         for name, attn in DECODE_IMPLS.items():
             def fn(attn=attn):
                 return attn(q, k_cache, v_cache, lens)
@@ -277,8 +314,8 @@ def bench_decode(dtype):
             def check(fn=fn):
                 e = rel_err(fn(), ref)
                 return None if e <= REL_TOL[dtype] else f"WRONG: rel err {e:.1e}"
-            results[name] = measure(fn, check)
-        rows += _rows("decode", B, S, heads, results, nbytes=nbytes)
+            impls[name] = (fn, check)
+        rows += _rows("decode", B, S, heads, measure_all(impls), nbytes=nbytes)
     return rows
 
 
@@ -324,6 +361,19 @@ def print_table(rows, section, dtype_name):
               f"{_fmt(r['graph_vs_flash'], 9, 2)}  {r['note']}")
 
 
+def warm_up_clocks(seconds=1.0):
+    """Keep the GPU busy for a second before the first row: an idle GPU starts at low clocks, and the first
+    rows would pay for the ramp. (On CPU: nothing.)"""
+    if not ON_GPU:
+        return
+    a = torch.randn(4096, 4096, device=DEVICE, dtype=torch.bfloat16)
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(20):
+            a @ a
+        sync()
+
+
 def machine_line(dtype_name):
     if ON_GPU:
         where = torch.cuda.get_device_name()
@@ -340,6 +390,7 @@ def main():
         dtype_name = "fp32"  # the interpreter's bf16 tl.dot is wrong on CPU
     dtype = dtype_from_name(dtype_name)
     print(machine_line(dtype_name))
+    warm_up_clocks()
     all_rows = []
     for section, run in (("forward", lambda: bench_prefill(dtype, backward=False)),
                          ("forward+backward", lambda: bench_prefill(dtype, backward=True)),
