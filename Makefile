@@ -9,7 +9,7 @@ PYTEST_ARGS ?= -q -n 2 --durations=15
 
 .PHONY: setup demo test verify clean gpu-check
 
-$(BIN)/.installed: setup.py
+$(BIN)/.installed: setup.py pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
@@ -34,15 +34,20 @@ clean:
 # all of them also packed in $(OUT)/gpu-check.tar.gz. On the device machine (no network: nothing is created or
 # installed here), from the repository root (pyproject.toml lets pip install editable without an index):
 #   python3 -m pip install -q --no-deps --no-build-isolation -e . && make gpu-check
-# Where only a few files come back from the machine, keep the parts' files elsewhere and bring the two:
-#   ... && make gpu-check OUT=gpu-out; cp gpu-out/summary.txt gpu-out/gpu-check.tar.gz "$$OUT"/
+# On a machine that lends 10 minutes a command and lets only a few files out (the device tool here): the two
+# halves as two commands, the second at once (the machine stays warm), each copying its summary and bundle to
+# that command's $OUT after every part, so that even a command stopped at its limit brings them back:
+#   python3 -m pip install -q --no-deps --no-build-isolation -e . && make gpu-check ONLY=tests BUNDLE_TO="$$OUT"
+#   make gpu-check ONLY=benchmarks BUNDLE_TO="$$OUT"
 #   make gpu-check ONLY=bench-decode      # rerun one part; `python3 tools/gpu_check.py --list` names them
 #   make gpu-check DRY=1                  # the same plan on CPU (tiny shapes), with ./.venv's python if present
 # It runs $(PYTHON) as it finds it (python3: the image's); DRY=1 prefers the venv `make setup` made.
 OUT ?= gpu-out
 DRY ?=
 ONLY ?=
+BUNDLE_TO ?=
 GPU_CHECK_PYTHON = $(if $(and $(filter-out 0,$(DRY)),$(wildcard $(BIN)/python)),$(BIN)/python,$(PYTHON))
 
 gpu-check:
-	$(GPU_CHECK_PYTHON) tools/gpu_check.py --out "$(OUT)" $(if $(ONLY),--only "$(ONLY)") $(if $(filter-out 0,$(DRY)),--dry)
+	$(GPU_CHECK_PYTHON) tools/gpu_check.py --out "$(OUT)" $(if $(ONLY),--only "$(ONLY)") $(if $(filter-out 0,$(DRY)),--dry) \
+		$(if $(BUNDLE_TO),--bundle-to "$(BUNDLE_TO)")

@@ -16,6 +16,8 @@ Two times per row: "ms" is the wall time per call of back-to-back eager calls, s
 (checks, allocation, launches) outlasts its kernels is timed by its host work; "graph ms" (GPU only) is one
 call's device time with the host taken out, from a CUDA graph of --repeats calls replayed, as the kernels run
 inside a captured decode step. "graph vs" = sdpa-flash graph ms / graph ms: the kernels' own comparison.
+TFLOP/s and GB/s are from graph ms where there is one (on a GPU, unless capture failed: the note says so), else
+from ms.
 """
 
 import argparse
@@ -321,7 +323,7 @@ def bench_decode(dtype):
 
 def _rows(section, B, T, heads, results, flops=None, nbytes=None):
     """Table rows; the rates (TFLOP/s, GB/s) use the graph time where there is one (the kernels' own speed)."""
-    flash_ms, _, flash_graph_ms = results.get("sdpa-flash", (None, None, None, None))[:3]
+    flash_ms, flash_graph_ms = results.get("sdpa-flash", (None, None, None, None))[:2]   # (ms, graph ms, ...)
     rows = []
     for name, (ms, gms, mib, note) in results.items():
         t = gms or ms
@@ -345,13 +347,13 @@ def _fmt(value, width, digits):
 def print_table(rows, section, dtype_name):
     if section == "decode":
         print(f"\ndecode  {dtype_name}  nh={rows[0]['H']} hs={D}  one query per row, full cache  "
-              f"(GB/s = 2·B·nh·S·hs·bytes / t)")
+              f"(GB/s = 2·B·nh·S·hs·bytes / t; t = graph ms where measured)")
         print(f"{'B':>4} {'cache':>6}  {'impl':<13}{'ms':>9} {'graph ms':>9} {'GB/s':>8} {'peak MiB':>9} "
               f"{'vs flash':>9} {'graph vs':>9}  note")
     else:
         mult = "3.5·" if section == "forward+backward" else ""
         print(f"\nattention {section}  {dtype_name}  nh={rows[0]['H']} hs={D} causal  "
-              f"(TFLOP/s = {mult}2·B·nh·T²·hs / t)")
+              f"(TFLOP/s = {mult}2·B·nh·T²·hs / t; t = graph ms where measured)")
         print(f"{'B':>4} {'T':>6}  {'impl':<13}{'ms':>9} {'graph ms':>9} {'TFLOP/s':>8} {'peak MiB':>9} "
               f"{'vs flash':>9} {'graph vs':>9}  note")
     for r in rows:

@@ -71,7 +71,7 @@ def on_device(t):
 
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for launch grids. Plain Python: triton.cdiv is a constexpr_function in newer Tritons, whose
-    argument unwrapping cost ~5 µs a call, 20 µs of a decode launch's host time (measured on CPU)."""
+    argument unwrapping cost ~5 µs a call, ~20 µs of a decode launch's host time (measured on CPU)."""
     return -(-a // b)
 
 

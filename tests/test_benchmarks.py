@@ -4,9 +4,11 @@ No timing is asserted: speed goals live in the benchmarks' tables (BENCHMARKS.md
 asserted is what a user of the scripts would notice: they exit 0, print the machine line and a table, and the
 generation benchmarks' token-equality check passed (they refuse to print a speed otherwise).
 """
+import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -79,3 +81,23 @@ def test_check_greedy_refuses_a_token_that_is_not_greedy():
         common.check_greedy("bad", bad, out, 5, judge)
     with pytest.raises(SystemExit, match="refusing"):
         common.check_greedy("bad", bad, out, 5)
+
+
+def test_attention_rows_compare_graph_times_with_graph_times():
+    """benchmarks/attention.py's ratios: "vs flash" from eager ms, "graph vs" from graph ms, rates from graph ms
+    where measured. Fake (ms, graph ms, peak MiB, note) results: on CPU no row has a graph time to exercise this."""
+    code = textwrap.dedent("""
+        import json, sys
+        sys.argv = ["attention.py", "--quick"]
+        sys.path.insert(0, "benchmarks")
+        import attention
+        results = {"nanogpt2": (0.2, 0.05, 24.8, ""), "sdpa-flash": (0.1, 0.1, 30.0, ""),
+                   "eager": (0.4, None, 99.0, "graph capture failed: x")}
+        rows = attention._rows("forward", 2, 1024, 12, results, flops=2e9)
+        print(json.dumps({r["impl"]: [r["vs_flash"], r["graph_vs_flash"], r["tflops"]] for r in rows}))
+    """)
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(r.stdout.strip().splitlines()[-1])
+    assert rows["nanogpt2"] == [0.5, 2.0, pytest.approx(2e9 / 0.05e-3 / 1e12)]   # rate from the graph time
+    assert rows["eager"] == [0.25, None, pytest.approx(2e9 / 0.4e-3 / 1e12)]      # no graph time: from ms

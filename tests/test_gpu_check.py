@@ -32,12 +32,16 @@ PY = sys.executable
 DRY_PARTS = "env,gpu-tests,sync-check,bench-train,profile"
 
 
-def test_the_budgets_fit_five_minutes_and_the_deadline_the_device_limit():
+def test_each_half_fits_the_deadline_and_the_deadline_the_device_limit():
     names = [p.name for p in PLAN]
     assert len(set(names)) == len(names)
     assert names[0] == "env", "the machine is recorded first"
-    assert sum(p.budget_s for p in PLAN) <= gpu_check.GPU_BUDGET_S <= gpu_check.DEADLINE_S
     assert gpu_check.DEADLINE_S <= 570, "the summary must be written before the device tool's 600 s limit"
+    assert {n for group in gpu_check.GROUPS.values() for n in group} == set(names), "every part is in a half"
+    for group, parts in gpu_check.GROUPS.items():
+        assert parts[0] == "env", group
+        # 20 s to spare for the install and the preflight import before the deadline's clock starts
+        assert sum(gpu_check.PARTS[n].budget_s for n in parts) <= gpu_check.DEADLINE_S - 20, group
     for p in PLAN:
         assert 0 < p.budget_s <= p.timeout_s, p.name
         assert all(w.startswith(p.name + ".") for w in p.writes), f"{p.name} writes {p.writes}"
@@ -63,6 +67,8 @@ def test_list_prints_every_part_with_its_budget():
 
 def test_only_keeps_the_plan_order_and_names_the_valid_parts():
     assert [p.name for p in gpu_check.parse_only("bench-train, env")] == ["env", "bench-train"]
+    assert [p.name for p in gpu_check.parse_only("tests")] == gpu_check.GROUPS["tests"]
+    assert [p.name for p in gpu_check.parse_only("benchmarks,kernel-tests")][:2] == ["env", "kernel-tests"]
     with pytest.raises(Exception, match="unknown part 'bench-typo'.*the parts: env, kernel-tests"):
         gpu_check.parse_only("env,bench-typo")
 
@@ -111,6 +117,18 @@ def test_a_failing_part_does_not_stop_the_plan(tmp_path):
         packed = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
     assert packed["gpu-check/summary.txt"].decode() == summary
     assert b"something broke" in packed["gpu-check/fails.log"] and "gpu-check/passes.csv" in packed
+
+
+def test_a_package_that_does_not_import_stops_the_run_with_a_summary(tmp_path, monkeypatch, capsys):
+    """The preflight: every part would fail on the same import, so none runs; the summary (and its copy where
+    --bundle-to says) records that, and the message says what to do."""
+    monkeypatch.setattr(gpu_check, "PY", shutil.which("false") or "/bin/false")
+    rc = gpu_check.main(["--out", str(tmp_path / "out"), "--bundle-to", str(tmp_path / "carry"), "--only", "tests"])
+    assert rc == 2
+    assert "cannot import nanogpt2.kernels" in capsys.readouterr().out
+    summary = (tmp_path / "carry" / "summary.txt").read_text()
+    assert summary.count("not run (import)") == len(gpu_check.GROUPS["tests"])
+    assert (tmp_path / "carry" / "gpu-check.tar.gz").exists()
 
 
 def test_parts_past_the_deadline_are_reported_not_run(tmp_path):
