@@ -37,7 +37,9 @@ def _kernels():
 
     Cached in a module global, not functools.lru_cache: torch.compile traces through an lru_cache wrapper (and
     then breaks the graph at importlib's find_spec), while a global it reads as a constant. On CUDA machines the
-    module loads when this file is imported (below), so a compiled model never traces the import itself."""
+    module loads when this file is imported (below), so a compiled model never traces the import itself; there a
+    triton that is installed but broken (or too old for the kernels) fails `import nanogpt2` with its own
+    error, rather than the first forward pass."""
     global _KERNELS
     if _KERNELS is _UNLOADED:
         if importlib.util.find_spec("triton") is None:

@@ -52,3 +52,20 @@ def run_compiled_step_eagerly(monkeypatch, calls=None):
             calls.append(model)
         return compiled.CompiledDecode(model)
     monkeypatch.setattr(compiled, "compiled_decode", fresh)
+
+
+def assert_greedy_up_to_near_ties(model, out, prompt_len, attention_mask=None, near_tie=0.15):
+    """Every new token of `out` (B, prompt_len + new) is `model`'s greedy choice given the tokens before it, to
+    within `near_tie` of the logit spread (best − mean): the check for a low-precision run whose rounding flips a
+    near-tie, after which the sequences part and token equality means nothing. (benchmarks/common.py's
+    check_greedy is the same rule.) `attention_mask` covers the prompt; the new tokens count as real."""
+    mask = None
+    if attention_mask is not None:
+        mask = torch.cat([attention_mask, torch.ones_like(out[:, prompt_len:])], dim=1)
+    with torch.no_grad():
+        logits = model(out, attention_mask=mask).logits[:, prompt_len - 1:-1].float()   # (B, new, V)
+    chosen = logits.gather(-1, out[:, prompt_len:, None])[..., 0]
+    best, mean = logits.max(-1).values, logits.mean(-1)
+    worst = ((best - chosen) / (best - mean).clamp_min(1e-6)).max().item()
+    assert worst <= near_tie, f"a token {worst:.3f} of the logit spread below the greedy one (allowed {near_tie})"
+

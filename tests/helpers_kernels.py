@@ -21,6 +21,11 @@ import torch
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 
 
+# CPU stand-ins for GPU paths (a fake Triton driver, AOT compiles) skip where CUDA exists: the real thing runs there
+CPU_STAND_IN = dict(condition=torch.cuda.is_available(), reason="a CPU stand-in for a GPU path; on a machine with "
+                    "CUDA the GPU tests (test_torch_compile_inductor_gpu and the like) run the real one")
+
+
 def gpu_only(test):
     """A test of the compiled kernels: marked `gpu` (tests/conftest.py; `make gpu-check` runs `-m gpu`),
     and skipped where CUDA exists but TRITON_INTERPRET=1 forces the interpreter."""
@@ -36,7 +41,7 @@ def _call(case, *args):
         return case(*args)
     except Exception as e:
         try:
-            pickle.dumps(e)
+            pickle.loads(pickle.dumps(e))   # the round trip the pool makes: both halves can fail
         except Exception:
             raise RuntimeError("".join(traceback.format_exception(e))) from None
         raise

@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers_kernels import (ON_GPU, assert_within_pytorch_error, compile_in_parallel, gpu_only,  # noqa: F401
-                             kernel_process, record_launches, variants)
+from helpers_kernels import (CPU_STAND_IN, ON_GPU, assert_within_pytorch_error, compile_in_parallel,  # noqa: F401
+                             gpu_only, kernel_process, record_launches, variants)
 from nanogpt2.kernels import attention_probs_from_lse, flash_attention, flash_attention_with_lse
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -454,8 +454,64 @@ def test_torch_compile_inductor_gpu(kernel_process):
     kernel_process.run(_case_torch_compile, "inductor")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU stand-in for the GPU path, which its stand-in driver "
-                    "cannot replace on a machine with CUDA; there test_torch_compile_inductor_gpu runs the real one")
+def _case_compile_for_sm90_with_fp64_floats():
+    """Compile every kernel that takes a float argument for sm_90 (Triton's AOT path: no GPU needed), that
+    argument typed fp64 as torch.compile's Inductor types a Python float; bf16 tensors, the GPU tile configs.
+    Returns {kernel name: stages built}. Before the kernels cast their floats to fp32, the first GPU run failed
+    here: "Loop-carried variable m_i has initial type fp32 but is re-assigned to fp64"."""
+    import sys
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from nanogpt2.kernels import decode_attention  # noqa: F401  (loads the module)
+    fa, da = _flash_module(), sys.modules["nanogpt2.kernels.decode_attention"]
+    pointers_fp32, pointers_i32 = {"LSE", "Delta", "O_PART", "LSE_PART"}, {"KV_START", "SEQLENS"}
+    common = dict(HEAD_DIM=64, CAUSAL=True, HAS_KV_START=True, DOT_PRECISION="tf32")
+    cases = [(fa._attn_fwd, dict(common, BLOCK_M=128, BLOCK_N=64), 4, 3),
+             (fa._attn_bwd_dkdv, dict(common, BLOCK_M=32, BLOCK_N=128), 8, 2),
+             (fa._attn_bwd_dq, dict(common, BLOCK_M=128, BLOCK_N=32), 4, 3),
+             (da._decode_split_kernel, dict(HEAD_DIM=64, BLOCK_N=64, HAS_KV_START=True), 4, 2)]
+    built = {}
+    for kernel, constexprs, warps, stages in cases:
+        names = kernel.arg_names
+        first_int = next(i for i, n in enumerate(names) if n.startswith("stride"))
+        signature = {}
+        for i, n in enumerate(names):
+            if n in constexprs:
+                signature[n] = "constexpr"
+            elif i < first_int:
+                signature[n] = "*fp32" if n in pointers_fp32 else "*i32" if n in pointers_i32 else "*bf16"
+            else:
+                signature[n] = "fp64" if "scale" in n else "i32"
+        src = ASTSource(fn=kernel, signature=signature,
+                        constexprs={(names.index(k),): v for k, v in constexprs.items()})
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=warps, num_stages=stages))
+        built[kernel.__name__] = sorted(compiled.asm)
+    return built
+
+
+@pytest.mark.skipif(**CPU_STAND_IN)
+def test_kernels_compile_for_sm90_with_the_fp64_floats_torch_compile_passes():
+    """A fresh interpreter-free process (TRITON_INTERPRET is read once, at import), as the registration test."""
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "import json, test_flash_attention as t; print(json.dumps(t._case_compile_for_sm90_with_fp64_floats()))"
+    run = subprocess.run([sys.executable, "-c", code], cwd=pathlib.Path(__file__).parent, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    built = json.loads(run.stdout.strip().splitlines()[-1])
+    assert sorted(built) == ["_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_fwd", "_decode_split_kernel"]
+    assert all("ttgir" in stages for stages in built.values()), built
+
+
+@pytest.mark.skipif(**CPU_STAND_IN)
 def test_gpu_registration_traces_into_kernel_nodes():
     """torch.compile on a GPU sees the kernels through triton_op (kernels/_ops.py); check that path on CPU
     in a fresh interpreter-free process (TRITON_INTERPRET is read once, at import)."""

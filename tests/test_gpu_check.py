@@ -214,3 +214,20 @@ def test_make_gpu_check_dry_runs_the_plan_on_cpu(tmp_path):
     assert (tmp_path / "gpu-tests.xml").exists()
     profile = (tmp_path / "profile.log").read_text()
     assert "## decode (per new token)" in profile and "## training step (per step)" in profile
+
+
+def test_profile_sorts_kernel_names_by_kind():
+    """tools/gpu_profile.py's one-line split (attention / matmul / other) by kernel names as the profiler reports
+    them on Hopper: ours, cuBLAS's, inductor's."""
+    gpu_profile = _load_tool("gpu_profile")
+    kinds = {name: gpu_profile.kind(name) for name in (
+        "_attn_fwd", "_attn_bwd_dkdv", "_decode_split_kernel", "_decode_merge_kernel",
+        "pytorch_flash::flash_fwd_kernel",
+        "nvjet_tst_128x64_64x4_1x2_h_bz_coopA_NNT", "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n", "_int8_gemv_kernel",
+        "triton_tem_fused_mm_0", "triton_poi_fused_add_commit_0", "triton_red_fused_native_layer_norm_0")}
+    assert kinds == {
+        "_attn_fwd": "attention", "_attn_bwd_dkdv": "attention", "_decode_split_kernel": "attention",
+        "_decode_merge_kernel": "attention", "pytorch_flash::flash_fwd_kernel": "attention",
+        "nvjet_tst_128x64_64x4_1x2_h_bz_coopA_NNT": "matmul", "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n": "matmul",
+        "_int8_gemv_kernel": "matmul", "triton_tem_fused_mm_0": "matmul",
+        "triton_poi_fused_add_commit_0": "other", "triton_red_fused_native_layer_norm_0": "other"}

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from helpers_kernels import (ON_GPU, assert_within_pytorch_error, gpu_only, kernel_process,  # noqa: F401
-                             record_launches, variants)
+from helpers_kernels import (CPU_STAND_IN, ON_GPU, assert_within_pytorch_error, gpu_only,  # noqa: F401
+                             kernel_process, record_launches, variants)
 from nanogpt2.kernels import int4_linear, int8_linear
 from nanogpt2.kernels.quant_matmul import _int8_to_f32, _nibble_to_f32_minus_8
 
@@ -346,8 +346,7 @@ def test_torch_compile_fullgraph(kernel_process, backend):
     kernel_process.run(_case_torch_compile, backend)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU stand-in for the GPU path, which its stand-in driver "
-                    "cannot replace on a machine with CUDA; there test_torch_compile_inductor_gpu runs the real one")
+@pytest.mark.skipif(**CPU_STAND_IN)
 def test_gpu_registration_traces_into_kernel_nodes():
     """torch.compile on a GPU sees the kernels through triton_op; check that path on CPU in a fresh
     interpreter-free process (TRITON_INTERPRET is read once, at import)."""

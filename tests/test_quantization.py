@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers_generation import assert_greedy_up_to_near_ties
+
 import nanogpt2
 from nanogpt2 import GPT2LMHeadModel, GPT2Model
 from nanogpt2.lora import apply_lora, merge_lora
@@ -323,13 +325,8 @@ def test_cuda_quantized_model_equals_its_dequantized_self(hf_checkpoint, mode, g
     compiled = model.generate(ids[:1, :8], max_new_tokens=16, compile=True)                  # CUDA graphs
     if dtype == torch.float32:
         assert torch.equal(compiled, decode)
-    else:   # bf16: inductor's fused norms round differently, so a near-tie may flip and the sequences part;
-        # each compiled token must still be the eager model's greedy choice given the compiled prefix
-        with torch.no_grad():
-            logits = model(compiled).logits[0, 7:-1].float()                              # (16, V)
-        chosen = logits.gather(-1, compiled[0, 8:, None])[:, 0]
-        best, mean = logits.max(-1).values, logits.mean(-1)
-        assert ((best - chosen) / (best - mean)).max().item() <= 0.15, (compiled, decode)
+    else:   # bf16: inductor's fused norms round unlike eager's, so a near-tie may flip and the sequences part
+        assert_greedy_up_to_near_ties(model, compiled, 8)
 
 
 def test_int4_group_128_on_a_wider_model_stays_within_its_bound(hf_checkpoint):
