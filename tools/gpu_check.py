@@ -104,7 +104,7 @@ PLAN = [
                ("--quick", "--warmup", "0", "--repeats", "1"), budget_s=45, timeout_s=120),
     bench_part("bench-decode", "greedy decode B=1 and B=8, eager and compile=True (CUDA graphs) vs transformers",
                "decode.py", ("--dtype", "bfloat16", "--compile", "--batches", "1", "8", "--new-tokens", "128"),
-               ("--quick", "--batches", "1", "8"), budget_s=120, timeout_s=180,
+               ("--quick", "--batches", "1", "8"), budget_s=150, timeout_s=240,
                env={"TORCH_LOGS": "graph_breaks,recompiles"}),
     bench_part("bench-train", "one training step, 124M, 16x1024, bf16 autocast, vs transformers; MFU",
                "train_step.py", ("--autocast", "bfloat16", "--shapes", "16x1024"), ("--quick",),
