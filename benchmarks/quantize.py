@@ -19,9 +19,6 @@ compile=True rows are compiled before timing. Every row runs alternately with ev
     activations (a bf16 model; torchao's int8 x bf16 path), compiled plainly and with inductor's freezing +
     max-autotune choosing between its C++ templates and torch's ops (backends "CPP,ATEN").
   A row that cannot run says "failed: <reason>" (or "torchao not installed"); none is skipped silently.
-  Install torchao in an environment of its own, not the one the tests run in: once installed, transformers
-  imports it with every model, and torchao 0.18's C++ extensions (built for another torch than 2.13) corrupted
-  the heap of our test processes (std::bad_alloc and segfaults inside custom-op dispatch, in 3 of 4 full runs).
 Columns:
   tok/s, ms/tok  decode only, B=1
   MB/tok   bytes one step must read (weight_read_bytes): float parameters except wpe; for a quantized matrix what

@@ -7,9 +7,20 @@ _ops              how each launcher becomes a torch custom op (torch.ops.nanogpt
                   torch.compile and CUDA graphs see one node per kernel call
 """
 
-from .decode_attention import decode_attention
-from .flash_attention import attention_probs_from_lse, flash_attention, flash_attention_with_lse
-from .quant_matmul import int4_linear, int8_linear
 
-__all__ = ["flash_attention", "flash_attention_with_lse", "attention_probs_from_lse", "decode_attention",
-           "int8_linear", "int4_linear"]
+if __name__ == "nanogpt2.kernels":
+    from .decode_attention import decode_attention
+    from .flash_attention import attention_probs_from_lse, flash_attention, flash_attention_with_lse
+    from .quant_matmul import int4_linear, int8_linear
+
+    __all__ = ["flash_attention", "flash_attention_with_lse", "attention_probs_from_lse", "decode_attention",
+               "int8_linear", "int4_linear"]
+else:
+    # Imported as a top-level "kernels": a checkout's root is on sys.path (`python -m nanogpt2` run there, or a
+    # script beside it) and something probed for PyPI's unrelated `kernels` package by importing it, as
+    # transformers' is_kernels_available does for a package without installed metadata (transformers 5.24,
+    # utils/import_utils.py). Importing the kernel modules a second time would register every torch custom op
+    # again under the same name; when one copy's registration is dropped, the other's calls crash inside torch's
+    # dispatcher (std::bad_alloc, "Tried to access the schema for  which doesn't have a schema registered yet",
+    # segfaults). So this copy defines nothing: it has no version, and transformers takes it for no kernels.
+    __all__ = []

@@ -121,8 +121,9 @@ def test_nothing_edits_sys_path():
 def test_a_checkout_root_on_sys_path_is_harmless():
     """Run from the checkout's root (its kernels/ folder on sys.path, as `python -m nanogpt2` or a user's own script
     puts it there): transformers must not take kernels/ for PyPI's `kernels` package (it decides by installed
-    metadata), nanogpt2's kernels must import as nanogpt2.kernels, and the root must stay on sys.path, where the
-    user's own modules are."""
+    metadata, and 5.24 imports a package that has none: kernels/__init__.py then defines nothing, so no kernel
+    module is imported twice and no custom op registered twice), nanogpt2's kernels must import as
+    nanogpt2.kernels, and the root must stay on sys.path, where the user's own modules are."""
     import subprocess
     import sys
     code = (
@@ -132,6 +133,9 @@ def test_a_checkout_root_on_sys_path_is_harmless():
         "from nanogpt2 import kernels\n"
         "assert os.path.abspath(kernels.__file__).startswith(os.path.join(os.getcwd(), 'kernels')), kernels.__file__\n"
         "transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))\n"
+        "import kernels\n"   # what transformers' probe may do (5.24 imports a package that has no metadata)
+        "copies = sorted(m for m in sys.modules if m.startswith('kernels.'))\n"
+        "assert not copies, f'kernel modules imported twice (their custom ops registered twice): {copies}'\n"
         "print(is_kernels_available(), os.getcwd() in [os.path.abspath(p or '.') for p in sys.path])\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "TRITON_INTERPRET": "1"})
