@@ -37,8 +37,9 @@ clean:
 # On a machine that lends 10 minutes a command and lets only a few files out (the device tool here): the two
 # halves as two commands, the second at once (the machine stays warm), each copying its summary and bundle to
 # that command's $OUT after every part, so that even a command stopped at its limit brings them back:
-#   python3 -m pip install -q --no-deps --no-build-isolation -e . && make gpu-check ONLY=tests BUNDLE_TO="$$OUT"
-#   make gpu-check ONLY=benchmarks BUNDLE_TO="$$OUT"
+#   python3 -m pip install -q --no-deps --no-build-isolation -e . && make gpu-check ONLY=tests OUT=gpu-out BUNDLE_TO="$OUT"
+#   make gpu-check ONLY=benchmarks OUT=gpu-out BUNDLE_TO="$OUT"
+# (OUT=gpu-out on make's command line: where $OUT is set in the environment, every file would otherwise go there.)
 #   make gpu-check ONLY=bench-decode      # rerun one part; `python3 tools/gpu_check.py --list` names them
 #   make gpu-check DRY=1                  # the same plan on CPU (tiny shapes), with ./.venv's python if present
 # It runs $(PYTHON) as it finds it (python3: the image's); DRY=1 prefers the venv `make setup` made.

@@ -19,8 +19,11 @@ else:
     # Imported as a top-level "kernels": a checkout's root is on sys.path (`python -m nanogpt2` run there, or a
     # script beside it) and something probed for PyPI's unrelated `kernels` package by importing it, as
     # transformers' is_kernels_available does for a package without installed metadata (transformers 5.24,
-    # utils/import_utils.py). Importing the kernel modules a second time would register every torch custom op
-    # again under the same name; when one copy's registration is dropped, the other's calls crash inside torch's
-    # dispatcher (std::bad_alloc, "Tried to access the schema for  which doesn't have a schema registered yet",
-    # segfaults). So this copy defines nothing: it has no version, and transformers takes it for no kernels.
+    # utils/import_utils.py). A second copy of the kernel modules registers every torch custom op again under
+    # the same name, and torch drops the first registration while the first copy's ops still point at it: the
+    # likely cause of the crashes our test runs saw inside torch's dispatcher while this happened
+    # (std::bad_alloc, "Tried to access the schema for  which doesn't have a schema registered yet",
+    # segfaults). So this copy defines nothing and has no submodules (an empty __path__: `import
+    # kernels.flash_attention` fails); with no version, transformers takes it for no kernels package.
     __all__ = []
+    __path__ = []

@@ -231,3 +231,16 @@ def test_profile_sorts_kernel_names_by_kind():
         "nvjet_tst_128x64_64x4_1x2_h_bz_coopA_NNT": "matmul", "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n": "matmul",
         "_int8_gemv_kernel": "matmul", "triton_tem_fused_mm_0": "matmul",
         "triton_poi_fused_add_commit_0": "other", "triton_red_fused_native_layer_norm_0": "other"}
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_the_documented_device_command_keeps_the_parts_files_out_of_OUT(tmp_path):
+    """The device tool sets $OUT and brings back 8 files: the documented command must write the parts' files to
+    gpu-out and only the summary and the bundle to $OUT (make's `OUT ?=` would otherwise take the environment's)."""
+    env = dict(os.environ, OUT=str(tmp_path / "device-out"))
+    r = subprocess.run(["make", "-n", "gpu-check", "ONLY=tests", "OUT=gpu-out", f"BUNDLE_TO={env['OUT']}"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert '--out "gpu-out"' in r.stdout and f'--bundle-to "{env["OUT"]}"' in r.stdout, r.stdout
+    with open(os.path.join(ROOT, "BENCHMARKS.md"), encoding="utf-8") as f:
+        assert 'make gpu-check ONLY=tests OUT=gpu-out BUNDLE_TO="$OUT"' in f.read()

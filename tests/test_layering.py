@@ -133,9 +133,13 @@ def test_a_checkout_root_on_sys_path_is_harmless():
         "from nanogpt2 import kernels\n"
         "assert os.path.abspath(kernels.__file__).startswith(os.path.join(os.getcwd(), 'kernels')), kernels.__file__\n"
         "transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))\n"
-        "import kernels\n"   # what transformers' probe may do (5.24 imports a package that has no metadata)
-        "copies = sorted(m for m in sys.modules if m.startswith('kernels.'))\n"
+        "copies = sorted(m for m in sys.modules if m.startswith('kernels.'))\n"   # after transformers' probe
         "assert not copies, f'kernel modules imported twice (their custom ops registered twice): {copies}'\n"
+        "try:\n"
+        "    import kernels.flash_attention\n"
+        "    raise AssertionError('kernels.flash_attention imported outside nanogpt2.kernels')\n"
+        "except ModuleNotFoundError:\n"
+        "    pass\n"
         "print(is_kernels_available(), os.getcwd() in [os.path.abspath(p or '.') for p in sys.path])\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "TRITON_INTERPRET": "1"})

@@ -10,8 +10,10 @@
 On the device machine (no network; the image has torch, triton, transformers and pytest) from the repository
 root, as one command of at most 10 minutes:
 
-    python3 -m pip install -q --no-deps --no-build-isolation -e . && make gpu-check ONLY=tests
-    make gpu-check ONLY=benchmarks      # the second command, at once (a warm machine needs no new start)
+    python3 -m pip install -q --no-deps --no-build-isolation -e . && make gpu-check ONLY=tests OUT=gpu-out BUNDLE_TO="$OUT"
+    make gpu-check ONLY=benchmarks OUT=gpu-out BUNDLE_TO="$OUT"   # the second command, at once (the machine is warm)
+
+(OUT=gpu-out on the command line: where $OUT is set, make and --out would otherwise write every file there.)
 
 Everything goes to --out (default $OUT, else ./gpu-out): <part>.log for each part (the command, then its
 stdout and stderr), the CSVs and JUnit XML files the parts write, and summary.txt: each part's status, wall
@@ -47,7 +49,8 @@ from xml.etree import ElementTree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
-DEADLINE_S = 560        # one command on the GPU, from this process's start; the device tool stops it at 600 s
+DEADLINE_S = 530        # one command on the GPU, from this process's start; the device tool stops it at 600 s
+                        # (the install before it, and up to 20 s to stop a part, come on top)
 DRY_TIMEOUT_S = 600     # per part in DRY mode (2 CPU cores, the Triton interpreter)
 START = time.monotonic()
 
@@ -57,7 +60,7 @@ class Part:
     name: str
     what: str                       # one line: what it checks or measures
     command: tuple[str, ...]        # argv, run from the repository root; "{out}" becomes the output folder
-    budget_s: int                   # expected wall time on one H100
+    budget_s: int                   # expected wall time on a Hopper GPU (from the first run, on an H200)
     timeout_s: int                  # stopped after this
     writes: tuple[str, ...] = ()    # files under {out} besides <name>.log; a part that leaves one out failed
     dry: tuple[str, ...] | None = None      # argv for DRY=1 (on CPU), when it differs
@@ -375,7 +378,11 @@ def main(argv=None) -> int:
               flush=True)
     parts = args.only or PLAN
     if not args.dry:
-        r = subprocess.run([PY, "-c", "import nanogpt2.kernels"], cwd="/", capture_output=True, text=True)
+        try:
+            r = subprocess.run([PY, "-c", "import nanogpt2.kernels"], cwd="/", capture_output=True, text=True,
+                               timeout=120)
+        except subprocess.TimeoutExpired:
+            r = subprocess.CompletedProcess([], 1, "", "the import did not finish in 120 s")
         if r.returncode != 0:   # every part would fail the same way: say so once, before spending device time
             print(f"[gpu-check] {PY} cannot import nanogpt2.kernels:\n{r.stderr.strip()[-1500:]}\n"
                   f"if nanogpt2 is not installed: {PY} -m pip install --no-deps --no-build-isolation -e .",
