@@ -73,6 +73,21 @@ def kernel_process():
     proc.close()
 
 
+def case_without_interpreter(module: str, case: str):
+    """`module.case()` in a fresh process with TRITON_INTERPRET unset (Triton reads it once, at import, so the
+    CPU paths that stand in for the GPU's need a process of their own); its result, sent back as JSON."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = f"import json, {module} as t; print(json.dumps(t.{case}()))"
+    run = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.abspath(__file__)), env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 def compile_in_parallel(case, jobs):
     """Run case(*job) for every job, in parallel spawned processes, to fill Triton's on-disk cache.
 

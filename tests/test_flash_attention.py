@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers_kernels import (CPU_STAND_IN, ON_GPU, assert_within_pytorch_error, compile_in_parallel,  # noqa: F401
-                             gpu_only, kernel_process, record_launches, variants)
+from helpers_kernels import (CPU_STAND_IN, ON_GPU, assert_within_pytorch_error, case_without_interpreter,  # noqa: F401
+                             compile_in_parallel, gpu_only, kernel_process, record_launches, variants)
 from nanogpt2.kernels import attention_probs_from_lse, flash_attention, flash_attention_with_lse
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -495,18 +495,8 @@ def _case_compile_for_sm90_with_fp64_floats():
 
 @pytest.mark.skipif(**CPU_STAND_IN)
 def test_kernels_compile_for_sm90_with_the_fp64_floats_torch_compile_passes():
-    """A fresh interpreter-free process (TRITON_INTERPRET is read once, at import), as the registration test."""
-    import json
-    import pathlib
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = "import json, test_flash_attention as t; print(json.dumps(t._case_compile_for_sm90_with_fp64_floats()))"
-    run = subprocess.run([sys.executable, "-c", code], cwd=pathlib.Path(__file__).parent, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    built = json.loads(run.stdout.strip().splitlines()[-1])
+    """In a fresh interpreter-free process, as the registration test."""
+    built = case_without_interpreter("test_flash_attention", "_case_compile_for_sm90_with_fp64_floats")
     assert sorted(built) == ["_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_fwd", "_decode_split_kernel"]
     assert all("ttgir" in stages for stages in built.values()), built
 
@@ -515,17 +505,7 @@ def test_kernels_compile_for_sm90_with_the_fp64_floats_torch_compile_passes():
 def test_gpu_registration_traces_into_kernel_nodes():
     """torch.compile on a GPU sees the kernels through triton_op (kernels/_ops.py); check that path on CPU
     in a fresh interpreter-free process (TRITON_INTERPRET is read once, at import)."""
-    import json
-    import pathlib
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = "import json, test_flash_attention as t; print(json.dumps(t._case_traced_as_triton_ops()))"
-    run = subprocess.run([sys.executable, "-c", code], cwd=pathlib.Path(__file__).parent, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    clones = json.loads(run.stdout.strip().splitlines()[-1])
+    clones = case_without_interpreter("test_flash_attention", "_case_traced_as_triton_ops")
     assert clones == {
         "_attn_fwd": ["LSE", "Out"],
         "_attn_bwd_preprocess": ["Delta"],

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from helpers_kernels import (CPU_STAND_IN, ON_GPU, assert_within_pytorch_error, gpu_only,  # noqa: F401
-                             kernel_process, record_launches, variants)
+from helpers_kernels import (CPU_STAND_IN, ON_GPU, assert_within_pytorch_error, case_without_interpreter,  # noqa: F401
+                             gpu_only, kernel_process, record_launches, variants)
 from nanogpt2.kernels import int4_linear, int8_linear
 from nanogpt2.kernels.quant_matmul import _int8_to_f32, _nibble_to_f32_minus_8
 
@@ -350,17 +350,7 @@ def test_torch_compile_fullgraph(kernel_process, backend):
 def test_gpu_registration_traces_into_kernel_nodes():
     """torch.compile on a GPU sees the kernels through triton_op; check that path on CPU in a fresh
     interpreter-free process (TRITON_INTERPRET is read once, at import)."""
-    import json
-    import pathlib
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = "import json, test_quant_matmul as t; print(json.dumps(t._case_traced_as_triton_ops()))"
-    run = subprocess.run([sys.executable, "-c", code], cwd=pathlib.Path(__file__).parent, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    clones = json.loads(run.stdout.strip().splitlines()[-1])
+    clones = case_without_interpreter("test_quant_matmul", "_case_traced_as_triton_ops")
     assert clones == {name: ["Out"] for name in ("_int8_gemv_kernel", "_int8_gemm_kernel",
                                                   "_int4_gemv_kernel", "_int4_gemm_kernel")}, clones
 
